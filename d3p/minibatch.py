@@ -1,3 +1,525 @@
 # SPDX-License-Identifier: Apache-2.0
 # SPDX-FileCopyrightText: © 2026 d3p developers
-"""Placeholder: filled by its issue."""
+"""Minibatch samplers whose per-batch cost does not grow with the data-set size.
+
+Privacy amplification by subsampling only holds if batches are drawn exactly as
+the accountant assumes and from a secure generator, so every random choice here
+comes from ``rng_suite`` (:mod:`d3p.random` by default; :mod:`d3p.random.debug`
+is fast but not secure).
+
+Design (exact, cost independent of ``N`` for Poisson and fixed-size batches):
+
+* **Poisson batch size.** The number of records in a Poisson batch is
+  ``B ~ Binomial(N, q)``. ``B`` is drawn by inversion: the cumulative
+  distribution ``P(B <= k)`` for ``k = 0..max_batch_size`` is computed once on
+  the host in float64 (from the log-pmf, summed as a cumulative sum of
+  ``log((N - j) / (j + 1))``), scaled to 64-bit integer thresholds, and compared
+  with one uniform 64-bit word (two 32-bit words, so the comparison is as fine as
+  the float64 table in both x32 and x64 mode). The draw is *oversized* exactly
+  when the word lies beyond ``P(B <= max_batch_size)``. Cost O(max_batch_size).
+* **Members.** Given the size, the members are a uniformly random subset of that
+  size: the first ``B`` entries of a uniformly random *ordered* sample without
+  replacement (every prefix of such a sample is a uniform subset of its size).
+  Since ``B`` records drawn independently with probability ``q`` form a uniform
+  ``B``-subset, the batch has exactly the Poisson distribution. Under
+  ``"truncate"`` an oversized draw keeps ``max_batch_size`` records; a uniform
+  ``M``-subset of a uniform ``B``-subset is a uniform ``M``-subset, so those are
+  drawn directly (this is the truncation assumed by dp-accounting's
+  ``TruncatedSubsampledGaussianDpEvent``).
+* **Ordered sample without replacement** (:func:`sample_without_replacement`):
+  the distinct values of an i.i.d. uniform stream over ``[0, N)``, taken in the
+  order of their first occurrence, are a uniformly random ordered sample without
+  replacement (each new distinct value is uniform over the records not yet seen:
+  it is the classic rejection sampler). The stream is drawn in blocks of 32-bit
+  words (mapped to ``[0, N)`` by unbiased rejection); repeats are
+  found with one stable sort per block, and blocks are drawn in a
+  ``lax.while_loop`` until enough distinct values are found (almost always one
+  block). Cost O(n log n) per sample, no array of size ``N``. When more than half
+  of the records are requested, the stream would need many repeats, and a full
+  permutation (cost O(N log N) = O(n log n) there) is used instead.
+* **Permutations** (:func:`split_batchify_data`, once per epoch, cost
+  O(N log N)): records are sorted by independent uniform 64-bit keys; if two keys
+  tie, all keys are redrawn (so the permutation is exactly uniform by symmetry;
+  a redraw happens with probability below ``N**2 / 2**65``).
+
+The batch of step ``i`` is derived from ``fold_in(key, i)``, so batches are
+reproducible and independent across steps, and ``get_batch`` works with a traced
+``i`` inside ``jax.lax.fori_loop``. Padded rows of a batch are zero and masked.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import d3p.random
+
+__all__ = [
+    "batch_size_to_q",
+    "poisson_batchify_data",
+    "q_to_batch_size",
+    "sample_without_replacement",
+    "split_batchify_data",
+    "subsample_batchify_data",
+]
+
+Dataset = tuple[jax.Array, ...]
+BatchifierInit = Callable[[jax.Array], tuple[int, Any]]
+BatchifierGetBatch = Callable[..., Any]
+
+#: Allowed values of ``handle_oversized_batch``.
+OVERSIZED_MODES = ("truncate", "suppress")
+
+# Standard deviations above the mean beyond which the binomial tail is negligible
+# in float64 when searching a quantile (plus an absolute margin for tiny means).
+_QUANTILE_SEARCH_SDS = 40.0
+_QUANTILE_SEARCH_MARGIN = 40
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_dataset(dataset: Any) -> tuple[Dataset, int]:
+    """Validate ``dataset`` (non-empty tuple of arrays of equal length); return it and N."""
+    if not isinstance(dataset, tuple) or len(dataset) == 0:
+        raise ValueError(
+            f"dataset must be a non-empty tuple of arrays, got {type(dataset).__name__}"
+        )
+    arrays = tuple(jnp.asarray(x) for x in dataset)
+    if any(x.ndim == 0 for x in arrays):
+        raise ValueError("dataset arrays must have at least one dimension (the records)")
+    lengths = {x.shape[0] for x in arrays}
+    if len(lengths) != 1:
+        raise ValueError(f"dataset arrays must have equal first dimension, got {sorted(lengths)}")
+    n = lengths.pop()
+    if n == 0:
+        raise ValueError("dataset must contain at least one record, got 0")
+    return arrays, n
+
+
+def _check_q(q: Any) -> float:
+    """Validate the sampling probability ``q`` in (0, 1]."""
+    if isinstance(q, bool) or not isinstance(q, int | float | np.integer | np.floating):
+        raise TypeError(f"q must be a real number in (0, 1], got {q!r}")
+    q = float(q)
+    if not 0.0 < q <= 1.0:
+        raise ValueError(f"q must be in (0, 1], got {q}")
+    return q
+
+
+def _check_count(value: Any, name: str, minimum: int) -> int:
+    """Validate an integer argument ``name`` that must be at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    value = operator.index(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def _resolve_batch_size(batch_size: Any, q: Any, n: int, max_size: int | None) -> int:
+    """The fixed batch size from exactly one of ``batch_size`` or ``q``, at most ``max_size``."""
+    if (batch_size is None) == (q is None):
+        raise ValueError("give exactly one of batch_size and q")
+    if batch_size is None:
+        batch_size = q_to_batch_size(q, n)
+        if batch_size < 1:
+            raise ValueError(f"q={q} gives an empty batch for {n} records: q must be >= 1/{n}")
+    batch_size = _check_count(batch_size, "batch_size", 1)
+    if max_size is not None and batch_size > max_size:
+        raise ValueError(
+            f"batch_size must be in [1, {max_size}] (the number of records), got {batch_size}"
+        )
+    return batch_size
+
+
+# ------------------------------------------------------------------ public helpers
+
+
+def q_to_batch_size(q: float, N: int) -> int:
+    """The batch size ``int(N * q)`` for sampling probability ``q`` among ``N`` records."""
+    return int(_check_count(N, "N", 1) * _check_q(q))
+
+
+def batch_size_to_q(batch_size: int, N: int) -> float:
+    """The sampling probability ``batch_size / N`` of a batch of ``batch_size`` among ``N``."""
+    return _check_count(batch_size, "batch_size", 0) / _check_count(N, "N", 1)
+
+
+# -------------------------------------------------------------------- samplers
+
+
+def _gather(dataset: Dataset, idx: jax.Array, mask: jax.Array) -> Dataset:
+    """Rows ``idx`` of every array; rows where ``mask`` is False are zero."""
+
+    def take(x: jax.Array) -> jax.Array:
+        rows = jnp.take(x, idx, axis=0)
+        keep = mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+        return jnp.where(keep, rows, jnp.zeros_like(rows))
+
+    return tuple(take(x) for x in dataset)
+
+
+def _permutation(rng_key: jax.Array, n: int, rng_suite: ModuleType) -> jax.Array:
+    """A uniformly random permutation of ``range(n)`` (int32), by sorting 64-bit keys.
+
+    Keys are redrawn until no two tie, so the permutation is exactly uniform.
+    """
+    iota = jnp.arange(n, dtype=jnp.int32)
+
+    def body(state: tuple[jax.Array, jax.Array, jax.Array]):
+        attempt, _, _ = state
+        words = rng_suite.random_bits(rng_suite.fold_in(rng_key, attempt), 32, (2, n))
+        hi, lo, perm = lax.sort((words[0], words[1], iota), num_keys=2)
+        tie = jnp.any((hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1]))
+        return attempt + 1, perm, tie
+
+    init = (jnp.uint32(0), iota, jnp.array(True))
+    return lax.while_loop(lambda s: s[2], body, init)[1]
+
+
+def _first_occurrences(values: jax.Array, valid: jax.Array, sentinel: int) -> jax.Array:
+    """Mask of the valid entries whose value does not occur at an earlier valid position."""
+    keys = jnp.where(valid, values, sentinel)
+    sorted_keys, order = lax.sort(
+        (keys, jnp.arange(keys.shape[0], dtype=jnp.int32)), num_keys=1, is_stable=True
+    )
+    first_sorted = jnp.concatenate([jnp.ones(1, bool), sorted_keys[1:] != sorted_keys[:-1]])
+    first_sorted &= sorted_keys != sentinel
+    return jnp.zeros_like(first_sorted).at[order].set(first_sorted)
+
+
+class _StreamState(NamedTuple):
+    block: jax.Array  # number of stream blocks drawn so far
+    out: jax.Array  # (capacity,) distinct values in order of first occurrence
+    count: jax.Array  # number of valid entries of ``out``
+
+
+def _ordered_sample(
+    rng_key: jax.Array, capacity: int, target: jax.Array | int, n: int, rng_suite: ModuleType
+) -> jax.Array:
+    """``capacity`` int32 indices whose first ``target`` entries are a uniform ordered sample.
+
+    ``capacity`` is static, ``target <= min(capacity, n)`` may be traced; entries at
+    ``target`` and beyond are unspecified indices in ``[0, n)``.
+    """
+    if 2 * capacity > n:
+        perm = _permutation(rng_key, n, rng_suite)
+        return jnp.pad(perm, (0, max(capacity - n, 0)))[:capacity]
+    # The stream is made of 32-bit words w; a word is used (as w mod n) only if
+    # w >= 2**32 mod n, which leaves a multiple of n equally likely words, so the
+    # used words are i.i.d. uniform on [0, n) (rejection inside the stream avoids a
+    # nested loop). Block length: the expected number of repeats among
+    # ``capacity`` draws is about capacity**2 / (2 n); twice that plus a margin,
+    # divided by the acceptance rate, makes one block enough in almost every call
+    # (the loop stays exact when it is not).
+    reject_below = 2**32 % n
+    accept_rate = 1.0 - reject_below / 2**32
+    wanted = capacity + min(capacity, 2 * capacity * capacity // n) + 32
+    block_len = math.ceil(wanted / accept_rate)
+    valid_out = jnp.arange(capacity)
+
+    def body(state: _StreamState) -> _StreamState:
+        words = rng_suite.random_bits(rng_suite.fold_in(rng_key, state.block), 32, (block_len,))
+        cand = (words % np.uint32(n)).astype(jnp.int32)
+        used = words >= np.uint32(reject_below)
+        valid = jnp.concatenate([valid_out < state.count, used])
+        new = _first_occurrences(jnp.concatenate([state.out, cand]), valid, n)[capacity:]
+        pos = jnp.where(new, state.count + jnp.cumsum(new, dtype=jnp.int32) - 1, capacity)
+        out = state.out.at[pos].set(cand, mode="drop")
+        count = jnp.minimum(state.count + jnp.sum(new, dtype=jnp.int32), capacity)
+        return _StreamState(state.block + 1, out, count)
+
+    init = _StreamState(jnp.uint32(0), jnp.zeros(capacity, jnp.int32), jnp.int32(0))
+    return lax.while_loop(lambda s: s.count < target, body, init).out
+
+
+def sample_without_replacement(
+    rng_key: jax.Array, n: int, N: int, rng_suite: ModuleType = d3p.random
+) -> jax.Array:
+    """Draw ``n`` distinct indices from ``[0, N)``, uniformly, without a permutation of ``N``.
+
+    The result is a uniformly random *ordered* sample: every ordering of every
+    ``n``-subset is equally likely, so any prefix is itself a uniform sample.
+    Cost O(n log n) and memory O(n) when ``n <= N / 2`` (independent of ``N``).
+
+    Parameters
+    ----------
+    rng_key : jax.Array
+        A key of ``rng_suite``.
+    n : int
+        Number of indices to draw, ``0 <= n <= N`` (static).
+    N : int
+        Size of the index range, ``N >= 1`` (static).
+    rng_suite : module
+        :mod:`d3p.random` (secure, default) or :mod:`d3p.random.debug` (not secure).
+
+    Returns
+    -------
+    jax.Array
+        int32 array of shape ``(n,)`` with distinct entries in ``[0, N)``.
+    """
+    N = _check_count(N, "N", 1)
+    n = _check_count(n, "n", 0)
+    if n > N:
+        raise ValueError(f"n must be in [0, N={N}] when sampling without replacement, got {n}")
+    return _ordered_sample(rng_key, n, n, N, rng_suite)
+
+
+# ------------------------------------------------------------- Poisson sampling
+
+
+def _binomial_cdf(n: int, q: float, kmax: int) -> np.ndarray:
+    """``P(B <= k)`` for ``k = 0..kmax`` and ``B ~ Binomial(n, q)``, in float64."""
+    k = np.arange(kmax + 1)
+    if q == 1.0:
+        return (k >= n).astype(np.float64)
+    j = np.arange(min(kmax, n), dtype=np.float64)
+    log_choose = np.concatenate([[0.0], np.cumsum(np.log(n - j) - np.log1p(j))])
+    kk = k[: log_choose.shape[0]]
+    log_pmf = n * math.log1p(-q) + log_choose + kk * (math.log(q) - math.log1p(-q))
+    cdf = np.minimum(np.cumsum(np.exp(log_pmf)), 1.0)
+    return np.concatenate([cdf, np.ones(kmax + 1 - cdf.shape[0])])
+
+
+def _binomial_quantile(n: int, q: float, p: float) -> int:
+    """The smallest ``k >= 1`` with ``P(B <= k) >= p`` for ``B ~ Binomial(n, q)``."""
+    mean = n * q
+    kmax = min(
+        n,
+        math.ceil(
+            mean + _QUANTILE_SEARCH_SDS * math.sqrt(mean * (1 - q)) + _QUANTILE_SEARCH_MARGIN
+        ),
+    )
+    cdf = _binomial_cdf(n, q, kmax)
+    return max(1, min(int(np.searchsorted(cdf, p, side="left")), kmax))
+
+
+def _check_max_batch_size(max_batch_size: Any, n: int, q: float) -> int:
+    """The structural batch size from an int > 0 or a binomial quantile level in (0, 1)."""
+    if isinstance(max_batch_size, float | np.floating):
+        p = float(max_batch_size)
+        if not 0.0 < p < 1.0:
+            raise ValueError(
+                "max_batch_size must be a positive integer or a float quantile level in "
+                f"(0, 1), got {max_batch_size}"
+            )
+        return _binomial_quantile(n, q, p)
+    return _check_count(max_batch_size, "max_batch_size", 1)
+
+
+def _size_thresholds(n: int, q: float, max_batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """High and low uint32 words of ``floor(P(B <= k) * 2**64)`` for the batch-size draw.
+
+    ``k`` runs over ``0..max_batch_size`` when a draw can be oversized
+    (``max_batch_size < n``), else over ``0..n - 1``.
+    """
+    kmax = min(max_batch_size, n - 1)
+    scaled = np.floor(np.ldexp(_binomial_cdf(n, q, kmax), 64))
+    full = scaled >= 2.0**64
+    words = np.where(full, 0.0, scaled).astype(np.uint64)
+    words[full] = np.iinfo(np.uint64).max
+    return (words >> np.uint64(32)).astype(np.uint32), words.astype(np.uint32)
+
+
+def _poisson_size(
+    rng_key: jax.Array, thresholds: tuple[np.ndarray, np.ndarray], rng_suite: ModuleType
+) -> jax.Array:
+    """Binomial batch size by inversion: the number of thresholds at or below one 64-bit word."""
+    hi, lo = thresholds
+    word = rng_suite.random_bits(rng_key, 32, (2,))
+    below = (word[0] > hi) | ((word[0] == hi) & (word[1] >= lo))
+    return jnp.sum(below, dtype=jnp.int32)
+
+
+def poisson_batchify_data(
+    dataset: Dataset,
+    q: float,
+    max_batch_size: int | float,
+    handle_oversized_batch: str = "truncate",
+    rng_suite: ModuleType = d3p.random,
+) -> tuple[BatchifierInit, BatchifierGetBatch]:
+    """Poisson subsampling: every record enters a batch independently with probability ``q``.
+
+    This is the sampling assumed by Poisson-subsampled privacy accounting
+    (:mod:`d3p.dputil`). Batches have the fixed structural size ``max_batch_size``;
+    rows beyond the drawn batch size are zero and masked out. Cost per batch
+    O(max_batch_size log max_batch_size), independent of the number of records.
+
+    Parameters
+    ----------
+    dataset : tuple of array
+        Arrays with equal first dimension ``N`` (the records).
+    q : float
+        Inclusion probability of each record, in (0, 1]; the subsampling rate
+        used in privacy accounting.
+    max_batch_size : int or float
+        Structural batch size (int >= 1), or, as a float in (0, 1), that quantile
+        of the Binomial(N, q) batch-size distribution.
+    handle_oversized_batch : {"truncate", "suppress"}
+        What to do when more than ``max_batch_size`` records are drawn:
+        ``"truncate"`` keeps ``max_batch_size`` of them chosen uniformly at random
+        (account with a truncated-subsampling event); ``"suppress"`` returns an
+        empty batch (all-False mask).
+    rng_suite : module
+        :mod:`d3p.random` (secure, default) or :mod:`d3p.random.debug` (not secure).
+
+    Returns
+    -------
+    init : callable
+        ``init(rng_key) -> (num_batches_per_epoch, state)``, with
+        ``num_batches_per_epoch = int(1 / q)``.
+    get_batch : callable
+        ``get_batch(i, state) -> (batch, mask)``: the batch (tuple of arrays with
+        ``max_batch_size`` rows) of step ``i`` and a bool mask of the real rows.
+    """
+    arrays, n = _check_dataset(dataset)
+    q = _check_q(q)
+    size = _check_max_batch_size(max_batch_size, n, q)
+    if handle_oversized_batch not in OVERSIZED_MODES:
+        raise ValueError(
+            f"handle_oversized_batch must be one of {OVERSIZED_MODES}, "
+            f"got {handle_oversized_batch!r}"
+        )
+    thresholds = _size_thresholds(n, q, size)
+    can_overflow = size < n
+    kept_if_oversized = size if handle_oversized_batch == "truncate" else 0
+    num_batches = max(1, int(1.0 / q))
+
+    def init(rng_key: jax.Array) -> tuple[int, jax.Array]:
+        return num_batches, rng_key
+
+    def get_batch(i: jax.Array | int, state: jax.Array) -> tuple[Dataset, jax.Array]:
+        size_key, member_key = rng_suite.split(rng_suite.fold_in(state, i), 2)
+        drawn = _poisson_size(size_key, thresholds, rng_suite)
+        if can_overflow:
+            drawn = jnp.where(drawn > size, kept_if_oversized, drawn)
+        idx = _ordered_sample(member_key, size, drawn, n, rng_suite)
+        mask = jnp.arange(size) < drawn
+        return _gather(arrays, idx, mask), mask
+
+    return init, get_batch
+
+
+# ------------------------------------------------------------ fixed-size batches
+
+
+def _with_mask(batch: Dataset, return_mask: bool) -> Any:
+    """``(batch, all-True mask)`` if ``return_mask``, else ``batch``."""
+    if not return_mask:
+        return batch
+    return batch, jnp.ones(batch[0].shape[0], bool)
+
+
+def subsample_batchify_data(
+    dataset: Dataset,
+    batch_size: int | None = None,
+    q: float | None = None,
+    with_replacement: bool = False,
+    rng_suite: ModuleType = d3p.random,
+    return_mask: bool = False,
+) -> tuple[BatchifierInit, BatchifierGetBatch]:
+    """Fixed-size uniform subsampling: a fresh random batch of ``batch_size`` records per step.
+
+    Without replacement every ``batch_size``-subset is equally likely (accounted as
+    sampling without replacement); with replacement the rows are independent
+    uniform draws. Cost per batch O(batch_size log batch_size), independent of N.
+
+    Parameters
+    ----------
+    dataset : tuple of array
+        Arrays with equal first dimension ``N`` (the records).
+    batch_size : int, optional
+        Records per batch, in [1, N] without replacement. Give this or ``q``.
+    q : float, optional
+        Sampling ratio in (0, 1]; the batch size is ``int(N * q)``.
+    with_replacement : bool
+        Draw the rows independently (duplicates possible).
+    rng_suite : module
+        :mod:`d3p.random` (secure, default) or :mod:`d3p.random.debug` (not secure).
+    return_mask : bool
+        Also return an all-True mask, for an interface like the Poisson sampler's.
+
+    Returns
+    -------
+    init : callable
+        ``init(rng_key) -> (num_batches_per_epoch, state)`` with
+        ``num_batches_per_epoch = N // batch_size`` (at least 1).
+    get_batch : callable
+        ``get_batch(i, state) -> batch`` (or ``(batch, mask)``) for step ``i``.
+    """
+    arrays, n = _check_dataset(dataset)
+    size = _resolve_batch_size(batch_size, q, n, None if with_replacement else n)
+    num_batches = max(1, n // size)
+
+    def init(rng_key: jax.Array) -> tuple[int, jax.Array]:
+        return num_batches, rng_key
+
+    def get_batch(i: jax.Array | int, state: jax.Array) -> Any:
+        key = rng_suite.fold_in(state, i)
+        if with_replacement:
+            idx = rng_suite.randint(key, (size,), 0, n, dtype=jnp.int32)
+        else:
+            idx = _ordered_sample(key, size, size, n, rng_suite)
+        return _with_mask(_gather(arrays, idx, jnp.ones(size, bool)), return_mask)
+
+    return init, get_batch
+
+
+def split_batchify_data(
+    dataset: Dataset,
+    batch_size: int | None = None,
+    q: float | None = None,
+    rng_suite: ModuleType = d3p.random,
+    return_mask: bool = False,
+) -> tuple[BatchifierInit, BatchifierGetBatch]:
+    """Epoch-wise batching: shuffle the records, then take consecutive slices.
+
+    ``init`` draws a uniformly random permutation of all ``N`` records (cost
+    O(N log N), once per epoch: call ``init`` at the start of every epoch);
+    ``get_batch(i, state)`` returns slice ``i mod num_batches`` of it, so an epoch
+    visits every record at most once (the last ``N mod batch_size`` are skipped).
+    This is not Poisson sampling: do not account it as such.
+
+    Parameters
+    ----------
+    dataset : tuple of array
+        Arrays with equal first dimension ``N`` (the records).
+    batch_size : int, optional
+        Records per batch, in [1, N]. Give this or ``q``.
+    q : float, optional
+        Sampling ratio in (0, 1]; the batch size is ``int(N * q)``.
+    rng_suite : module
+        :mod:`d3p.random` (secure, default) or :mod:`d3p.random.debug` (not secure).
+    return_mask : bool
+        Also return an all-True mask, for an interface like the Poisson sampler's.
+
+    Returns
+    -------
+    init : callable
+        ``init(rng_key) -> (num_batches_per_epoch, permutation)`` with
+        ``num_batches_per_epoch = N // batch_size``.
+    get_batch : callable
+        ``get_batch(i, permutation) -> batch`` (or ``(batch, mask)``).
+    """
+    arrays, n = _check_dataset(dataset)
+    size = _resolve_batch_size(batch_size, q, n, n)
+    num_batches = n // size
+
+    def init(rng_key: jax.Array) -> tuple[int, jax.Array]:
+        return num_batches, _permutation(rng_key, n, rng_suite)
+
+    def get_batch(i: jax.Array | int, state: jax.Array) -> Any:
+        start = (jnp.asarray(i, jnp.int32) % num_batches) * size
+        idx = lax.dynamic_slice_in_dim(state, start, size)
+        return _with_mask(_gather(arrays, idx, jnp.ones(size, bool)), return_mask)
+
+    return init, get_batch

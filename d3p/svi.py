@@ -1,3 +1,961 @@
 # SPDX-License-Identifier: Apache-2.0
 # SPDX-FileCopyrightText: © 2026 d3p developers
-"""Placeholder: filled by its issue."""
+"""Differentially private stochastic variational inference (DP-VI) for NumPyro.
+
+:class:`DPSVI` is a drop-in replacement for :class:`numpyro.infer.SVI` that makes each
+update differentially private with the Gaussian mechanism (DP-SGD applied to the ELBO):
+per-example gradients are clipped to a bound ``C``, summed, and Gaussian noise of standard
+deviation ``dp_scale * C`` is added before the optimiser sees the gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from jax.flatten_util import ravel_pytree
+from numpyro.infer import SVI, Trace_ELBO
+
+import d3p.random
+from d3p import dputil, minibatch
+from d3p._elbo_split import SiteLayout, classify_sites, elbo_terms, zero_examples
+
+__all__ = [
+    "DPSVI",
+    "DPSVIRunResult",
+    "DPSVIState",
+    "clip_gradient",
+    "full_norm",
+    "normalize_gradient",
+]
+
+# Data passed to ``rng_suite.fold_in`` to derive the initialisation key from the key given to
+# ``DPSVI.init``. Steps derive their keys with ``rng_suite.split(key, 3)``; this constant is far
+# from any split index, so initialisation randomness never coincides with noise randomness.
+_INIT_STREAM = 0x7FFFFFFF
+
+# Structural batch sizes ``DPSVI.run`` tries when none is given: quantiles of the Poisson batch
+# size (truncation probability per step 1e-6, 1e-9, ...). The first is used unless the run has a
+# privacy budget that the truncated-sampling accounting would exceed; then larger ones are tried.
+_BATCH_QUANTILES = (1 - 1e-6, 1 - 1e-9, 1 - 1e-12, 1 - 1e-15)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient helpers
+# --------------------------------------------------------------------------------------------
+
+
+def full_norm(tree: Any, ord: int | float = 2) -> jax.Array:
+    """Norm of all leaves of ``tree`` taken together as one long vector.
+
+    Parameters
+    ----------
+    tree : pytree of arrays, or None
+        For example a gradient with one leaf per parameter site.
+    ord : int or float
+        Order of the vector norm (as :func:`jax.numpy.linalg.norm` for vectors).
+
+    Returns
+    -------
+    jax.Array
+        The scalar norm; ``0.`` for ``None`` or a tree without leaves.
+    """
+    leaves = [jnp.ravel(leaf) for leaf in jax.tree.leaves(tree)]
+    if not leaves:
+        return jnp.zeros(())
+    return jnp.linalg.norm(jnp.concatenate(leaves), ord=ord)
+
+
+def _check_threshold(c: Any, name: str, allow_inf: bool) -> None:
+    """Raise ``ValueError`` unless a concrete ``c`` is positive (and finite if required)."""
+    try:
+        value = float(c)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        if isinstance(c, jax.Array):
+            return  # traced under jit: cannot be checked here
+        raise TypeError(f"{name} must be a number, got {type(c).__name__}") from None
+    if not value > 0 or (not allow_inf and not math.isfinite(value)):
+        allowed = "(0, inf]" if allow_inf else "(0, inf)"
+        raise ValueError(f"{name} must be in {allowed}, got {c}")
+
+
+def clip_gradient(tree: Any, c: float) -> Any:
+    """Scale ``tree`` so that its :func:`full_norm` is at most ``c``.
+
+    Every leaf is multiplied by ``min(1, c / full_norm(tree))``, so a tree whose norm is
+    below ``c`` (or any tree when ``c`` is ``inf``) is returned unchanged.
+
+    Parameters
+    ----------
+    tree : pytree of arrays
+        The gradient (all leaves together form one vector).
+    c : float
+        The clipping threshold, in ``(0, inf]``.
+
+    Returns
+    -------
+    pytree
+        The clipped tree, same structure and dtypes.
+
+    Raises
+    ------
+    ValueError
+        If ``c <= 0`` or ``c`` is NaN.
+    """
+    _check_threshold(c, "c", allow_inf=True)
+    norm = full_norm(tree)
+    factor = jnp.where(norm > c, c / norm, 1.0)
+    return jax.tree.map(lambda x: (x * factor).astype(jnp.result_type(x)), tree)
+
+
+def normalize_gradient(tree: Any, ord: int | float = 2) -> Any:
+    """Scale ``tree`` to unit :func:`full_norm` of order ``ord`` (zero trees stay zero)."""
+    norm = full_norm(tree, ord)
+    factor = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 1.0)
+    return jax.tree.map(lambda x: (x * factor).astype(jnp.result_type(x)), tree)
+
+
+# --------------------------------------------------------------------------------------------
+# States and results
+# --------------------------------------------------------------------------------------------
+
+
+class DPSVIState(NamedTuple):
+    """State of :class:`DPSVI` (a pytree: it can be carried through ``jit`` and ``lax`` loops).
+
+    Attributes
+    ----------
+    optim_state
+        The optimiser state, holding the unconstrained variational parameters.
+    rng_key
+        The ``rng_suite`` key of the next step (the key given to ``init`` at first).
+    observation_scale
+        Factor the normalised, privatised data gradient is multiplied by: the plate scale of
+        one example (the data-set size) when ``clip_unscaled_observations=True``, else 1.
+    num_nonfinite_grads
+        Number of per-example gradients (of valid rows) that contained NaN or infinity and
+        were therefore replaced by zero, counted since ``init``. A non-zero count points to
+        a numerically fragile model; the privacy guarantee is unaffected.
+    """
+
+    optim_state: Any
+    rng_key: Any
+    observation_scale: Any
+    num_nonfinite_grads: Any = 0
+
+
+class DPSVIRunResult(NamedTuple):
+    """Result of :meth:`DPSVI.run`.
+
+    Attributes
+    ----------
+    params : dict
+        Constrained parameters after the last step.
+    state : DPSVIState
+        The final state (pass it as ``init_state`` to continue training).
+    losses : jax.Array
+        The loss of every step. NOT differentially private: do not publish it.
+    epsilon : float
+        Privacy spent by the run at ``delta``, add/remove-one relation.
+    delta : float
+        The delta at which ``epsilon`` is reported.
+    """
+
+    params: dict
+    state: DPSVIState
+    losses: jax.Array
+    epsilon: float
+    delta: float
+
+
+class _Budget(NamedTuple):
+    """The privacy plan a :class:`DPSVI` was calibrated for."""
+
+    epsilon: float
+    delta: float
+    q: float
+    num_steps: int
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_nonnegative_finite(value: Any, name: str) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _check_batch(args: tuple) -> tuple[tuple, int]:
+    """Convert the positional data arguments to arrays and return them with the batch size."""
+    if not args:
+        raise ValueError("DPSVI needs at least one positional data argument (the batch).")
+    out, sizes = [], {}
+    for i, a in enumerate(args):
+        if a is None:
+            out.append(None)
+            continue
+        a = jnp.asarray(a)
+        if a.ndim == 0:
+            raise ValueError(
+                f"positional argument {i} is a scalar; every positional argument of the model "
+                "must be a batch array whose first axis indexes examples (pass public "
+                "constants as keyword arguments)"
+            )
+        sizes[i] = a.shape[0]
+        out.append(a)
+    if not sizes:
+        raise ValueError("all positional data arguments are None; there is no batch.")
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"batch arrays have different lengths (first axis): {sizes}")
+    return tuple(out), next(iter(sizes.values()))
+
+
+def _check_mask(mask: Any, batch_size: int) -> jax.Array:
+    mask = jnp.asarray(mask)
+    if mask.shape not in ((), (batch_size,)):
+        raise ValueError(f"mask must be a scalar or have shape ({batch_size},), got {mask.shape}")
+    return jnp.broadcast_to(mask.astype(bool), (batch_size,))
+
+
+def _max_or_zero(x: jax.Array, axis: int) -> jax.Array:
+    """Max along ``axis`` (0 for empty rows; NaN propagates)."""
+    return jnp.max(x, axis=axis, initial=0.0)
+
+
+def _num_iter(q: float, num_epochs: float | None, num_iter: float | None) -> float:
+    if (num_epochs is None) == (num_iter is None):
+        raise ValueError("give exactly one of num_epochs and num_iter")
+    if num_iter is not None:
+        return num_iter
+    if not 0 < q <= 1:
+        raise ValueError(f"q must be in (0, 1], got {q}")
+    if not num_epochs > 0:
+        raise ValueError(f"num_epochs must be > 0, got {num_epochs}")
+    return num_epochs / q
+
+
+def _structural_batch_size(batch_init: Callable, get_batch: Callable, key: Any) -> int:
+    """Number of rows (padding included) of the batches of a batcher."""
+    mask = jax.eval_shape(lambda k: get_batch(0, batch_init(k)[1])[1], key)
+    return mask.shape[0]
+
+
+def _add_examples_axis(args: tuple) -> tuple:
+    """(B, ...) -> (B, 1, ...): vmapping over axis 0 then yields batches of one example."""
+    return tuple(None if a is None else a[:, None] for a in args)
+
+
+# --------------------------------------------------------------------------------------------
+# DPSVI
+# --------------------------------------------------------------------------------------------
+
+
+class DPSVI:
+    """Differentially private stochastic variational inference (a drop-in for numpyro's SVI).
+
+    Each :meth:`update` computes, for every example (row) of the batch, the gradient of its
+    ELBO term with respect to the unconstrained variational parameters, clips each
+    per-example gradient (all parameters together) to L2 norm ``clipping_threshold``, sums
+    them, adds Gaussian noise of standard deviation ``dp_scale * clipping_threshold`` drawn
+    from ``rng_suite`` (the hardened sampler), divides by a data-independent normaliser and
+    multiplies by ``observation_scale``. The update is then (``dp_scale``, add/remove-one)
+    Gaussian-mechanism private with respect to one example of the batch; see
+    :meth:`get_epsilon` for the privacy of a whole run.
+
+    **What the clipping threshold bounds.** For ``per_example_loss=numpyro.infer.Trace_ELBO()``
+    the ELBO is split: the *data terms* (log-likelihood of the observed sites and the
+    log-density ratio of local latents inside the data plate) are clipped per example; the
+    *global terms* (prior and guide density of the global latents) do not depend on any
+    individual's data, so their gradient is computed once per step, on an all-zero stand-in
+    batch (so even a prior that wrongly reads the data cannot leak), and added after the
+    noise (post-processing, no privacy cost). All examples share one sample of the global
+    latents; local latents get per-example randomness. ``C`` therefore bounds only the data
+    terms. This differs from d3p 0.2, which clipped the whole per-example ELBO including the
+    prior and entropy terms (and drew separate global samples per example). Any other
+    ``per_example_loss`` (e.g. ``TraceMeanField_ELBO``, ``Trace_ELBO(multi_sample_guide=True)``)
+    uses the d3p 0.2 path: the whole loss of each example, with its own randomness, is
+    clipped.
+
+    **Normaliser.** The noisy sum is divided by a number that must not depend on the data:
+    ``expected_batch_size`` if given, else the structural batch size (the length of the batch
+    arrays, padding included). With fixed-size batches that is the batch size. With Poisson
+    batches (``mask`` given), set ``expected_batch_size = q * N``; :meth:`run` does this.
+    Passing a mask without ``expected_batch_size`` uses the structural batch size and warns
+    once. (d3p 0.2 divided by the realised number of valid rows, which leaks it.)
+
+    **Non-finite gradients.** A per-example gradient containing NaN or infinity is replaced
+    by zero (a valid clipping to norm 0); the count is accumulated in
+    :attr:`DPSVIState.num_nonfinite_grads`.
+
+    Parameters
+    ----------
+    model, guide : callable
+        NumPyro model and guide. Every positional argument is a batch array whose first
+        axis indexes examples (one example = one individual); keyword arguments are passed
+        unchanged to every example and must not contain private data.
+    optim : numpyro optimiser or optax.GradientTransformation
+        As accepted by :class:`numpyro.infer.SVI`. It only sees the privatised gradient.
+        Optax transformations that read the loss value (e.g. ``reduce_on_plateau``) receive
+        NaN, since the loss is not private.
+    per_example_loss : numpyro ELBO
+        Normally ``numpyro.infer.Trace_ELBO()`` (the fast split path above).
+    clipping_threshold : float
+        ``C``, in ``(0, inf)``: bound on the L2 norm of one example's gradient.
+    dp_scale : float
+        Noise multiplier ``sigma >= 0``: the noise standard deviation is ``dp_scale * C``.
+        ``0`` disables the noise (not private).
+    rng_suite : module
+        :mod:`d3p.random` (secure, default) or :mod:`d3p.random.debug` (fast, NOT secure);
+        used for the privacy noise and passed to the batch sampler in :meth:`run`.
+    clip_unscaled_observations : bool
+        If True (default), the plate scale of one example (the data-set size ``N``) is
+        divided out before clipping, so ``C`` bounds one individual's unscaled contribution,
+        and multiplied back after the noise.
+    expected_batch_size : float, optional
+        Keyword-only. The data-independent normaliser ``q * N`` for Poisson batches.
+    chunk_size : int, optional
+        Keyword-only. Compute per-example gradients ``chunk_size`` examples at a time
+        (memory ``chunk_size x number of parameters`` instead of ``batch x parameters``);
+        the result is the same up to floating-point rounding.
+    **static_kwargs
+        Further keyword arguments for model and guide (e.g. ``N=len(data)``), as in numpyro.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Callable,
+        optim: Any,
+        per_example_loss: Any,
+        clipping_threshold: float,
+        dp_scale: float,
+        rng_suite: Any = d3p.random,
+        clip_unscaled_observations: bool = True,
+        *,
+        expected_batch_size: float | None = None,
+        chunk_size: int | None = None,
+        **static_kwargs: Any,
+    ):
+        if not callable(getattr(per_example_loss, "loss", None)):
+            raise TypeError("per_example_loss must be a numpyro ELBO, e.g. Trace_ELBO()")
+        if getattr(per_example_loss, "sum_sites", True) is not True:
+            raise ValueError("per_example_loss must sum its sites (sum_sites=True)")
+        _check_threshold(clipping_threshold, "clipping_threshold", allow_inf=False)
+        self.clipping_threshold = float(clipping_threshold)
+        self.dp_scale = _check_nonnegative_finite(dp_scale, "dp_scale")
+        if expected_batch_size is not None:
+            _check_threshold(expected_batch_size, "expected_batch_size", allow_inf=False)
+            expected_batch_size = float(expected_batch_size)
+        self.expected_batch_size = expected_batch_size
+        if chunk_size is not None:
+            chunk_size = _check_positive_int(chunk_size, "chunk_size")
+        self.chunk_size = chunk_size
+        for name in ("split", "convert_to_jax_rng_key", "fold_in", "hardened_normal"):
+            if not callable(getattr(rng_suite, name, None)):
+                raise TypeError(f"rng_suite must be d3p.random or d3p.random.debug (no {name})")
+        self.model = model
+        self.guide = guide
+        self.per_example_loss = per_example_loss
+        self.rng_suite = rng_suite
+        self.clip_unscaled_observations = bool(clip_unscaled_observations)
+        self.static_kwargs = static_kwargs
+        # numpyro's SVI validates/wraps the optimiser and does the parameter initialisation.
+        self._svi = SVI(model, guide, optim, per_example_loss, **static_kwargs)
+        self.optim = self._svi.optim
+        self._split_elbo = (
+            type(per_example_loss) is Trace_ELBO and not per_example_loss.multi_sample_guide
+        )
+        self._layout: SiteLayout | None = None
+        self._budget: _Budget | None = None
+        self._warned_normaliser = False
+
+    # ---------------------------------------------------------------- public API
+
+    @property
+    def constrain_fn(self) -> Callable:
+        """Map unconstrained to constrained parameters (set by :meth:`init`)."""
+        return self._svi.constrain_fn
+
+    def init(
+        self, rng_key: Any, *args: Any, init_params: dict | None = None, **kwargs: Any
+    ) -> DPSVIState:
+        """Initialise the variational parameters and the state.
+
+        Parameters
+        ----------
+        rng_key
+            An ``rng_suite`` key. It is stored in the state as given; initialisation uses an
+            independent key derived from it.
+        *args
+            A batch of the data arguments (used for shapes and for the guide's
+            initialisation; use public or dummy data if that initialisation must not see
+            private data).
+        init_params : dict, optional
+            Initial (constrained) values of ``numpyro.param`` sites.
+        **kwargs
+            Keyword arguments of model and guide.
+
+        Returns
+        -------
+        DPSVIState
+        """
+        args, _ = _check_batch(args)
+        init_key = self.rng_suite.convert_to_jax_rng_key(
+            self.rng_suite.fold_in(rng_key, _INIT_STREAM)
+        )
+        svi_state = self._svi.init(init_key, *args, init_params=init_params, **kwargs)
+        if svi_state.mutable_state is not None:
+            raise ValueError(
+                "DPSVI does not support models with mutable state (numpyro.mutable sites): "
+                "the state would be updated from private data without noise."
+            )
+        params = self._svi.get_params(svi_state)
+        self._layout = classify_sites(
+            self.model, self.guide, params, init_key, args, {**kwargs, **self.static_kwargs}
+        )
+        scale = self._layout.observation_scale if self.clip_unscaled_observations else 1.0
+        dtype = jnp.result_type(float)
+        return DPSVIState(
+            svi_state.optim_state,
+            rng_key,
+            jnp.asarray(scale, dtype),
+            jnp.zeros((), jnp.int32),
+        )
+
+    def get_params(self, svi_state: DPSVIState) -> dict:
+        """Constrained parameter values of ``svi_state`` (works inside ``jit``)."""
+        return self._svi.constrain_fn(self.optim.get_params(svi_state.optim_state))
+
+    def update(
+        self, svi_state: DPSVIState, *args: Any, mask: Any = True, **kwargs: Any
+    ) -> tuple[DPSVIState, jax.Array]:
+        """Take one differentially private step on a batch.
+
+        Parameters
+        ----------
+        svi_state : DPSVIState
+            The current state.
+        *args
+            The batch: arrays with equal first dimension (one row per example).
+        mask : bool or bool array of shape (batch,)
+            Which rows are real examples; padded rows (False) contribute exactly nothing.
+            An all-False mask gives a pure-noise step.
+        **kwargs
+            Keyword arguments of model and guide (public, not per-example).
+
+        Returns
+        -------
+        svi_state : DPSVIState
+            The new state.
+        loss : jax.Array
+            The negative ELBO estimate on the batch's valid rows, normalised like the
+            gradient. It is NOT differentially private: do not publish it.
+        """
+        args, batch_size = _check_batch(args)
+        normaliser = self._normaliser(batch_size, masked=jnp.ndim(mask) > 0)
+        return self._update(svi_state, args, kwargs, _check_mask(mask, batch_size), normaliser)
+
+    def evaluate(
+        self, svi_state: DPSVIState, *args: Any, mask: Any = True, **kwargs: Any
+    ) -> jax.Array:
+        """The loss :meth:`update` would report for this batch, without taking a step.
+
+        Uses the same randomness as the next :meth:`update`. Rows with a non-finite
+        gradient are included (no gradient is computed). NOT differentially private.
+        """
+        args, batch_size = _check_batch(args)
+        normaliser = self._normaliser(batch_size, masked=jnp.ndim(mask) > 0)
+        mask = _check_mask(mask, batch_size)
+        _, jax_key, _, params, kwargs = self._step_inputs(svi_state, kwargs)
+        obs_scale = svi_state.observation_scale
+        losses = jax.vmap(
+            lambda ex, i: self._example_loss(params, jax_key, ex, kwargs, i, obs_scale)
+        )(_add_examples_axis(args), jnp.arange(batch_size))
+        loss = jnp.sum(jnp.where(mask, losses, 0.0)) * (obs_scale / normaliser)
+        if self._split_elbo:
+            loss = loss + self._global_loss(params, jax_key, zero_examples(args), kwargs)
+        return loss
+
+    def get_epsilon(
+        self,
+        target_delta: float,
+        q: float,
+        num_epochs: float | None = None,
+        num_iter: float | None = None,
+    ) -> float:
+        """Privacy spent: epsilon at ``target_delta`` after training with Poisson rate ``q``.
+
+        Add/remove-one relation, PLD accountant (:func:`d3p.dputil.compute_epsilon`).
+        Give exactly one of ``num_epochs`` (then ``num_iter = num_epochs / q``, rounded up)
+        and ``num_iter`` (number of :meth:`update` steps). ``inf`` when ``dp_scale == 0``.
+        """
+        num_iter = _num_iter(q, num_epochs, num_iter)
+        if self.dp_scale == 0:
+            return math.inf
+        return dputil.compute_epsilon(self.dp_scale, target_delta, q, num_iter)
+
+    def get_delta(
+        self,
+        target_epsilon: float,
+        q: float,
+        num_epochs: float | None = None,
+        num_iter: float | None = None,
+    ) -> float:
+        """Privacy spent: delta at ``target_epsilon`` (see :meth:`get_epsilon`); 1 if no noise."""
+        num_iter = _num_iter(q, num_epochs, num_iter)
+        if self.dp_scale == 0:
+            return 1.0
+        return dputil.compute_delta(self.dp_scale, target_epsilon, q, num_iter)
+
+    @classmethod
+    def make_private_with_epsilon(
+        cls,
+        model: Callable,
+        guide: Callable,
+        optim: Any,
+        per_example_loss: Any,
+        clipping_threshold: float,
+        target_epsilon: float,
+        target_delta: float,
+        q: float,
+        num_steps: int,
+        rng_suite: Any = d3p.random,
+        clip_unscaled_observations: bool = True,
+        *,
+        tol: float = 1e-3,
+        **kwargs: Any,
+    ) -> DPSVI:
+        """A :class:`DPSVI` whose ``dp_scale`` spends at most ``target_epsilon``.
+
+        Like Opacus's ``make_private_with_epsilon``: calibrates the noise multiplier with
+        :func:`d3p.dputil.approximate_sigma_remove_relation` (add/remove-one relation,
+        ``force_smaller=True``, so the accountant's epsilon never exceeds the target) for
+        ``num_steps`` steps of Poisson sampling with rate ``q``. The returned object
+        remembers the plan: its :meth:`run` defaults to ``q`` and ``target_delta`` and
+        refuses more than ``num_steps`` steps. Train in one call with
+        ``DPSVI.make_private_with_epsilon(...).run(rng_key, num_steps, *data)``.
+
+        Parameters
+        ----------
+        target_epsilon : float
+            Privacy budget epsilon (> 0).
+        target_delta : float
+            Privacy budget delta, in (0, 1).
+        q : float
+            Poisson sampling rate (expected batch size / N), in (0, 1].
+        num_steps : int
+            Number of update steps the budget must cover.
+        tol : float
+            Calibration tolerance on epsilon (the result lies in
+            ``[target_epsilon - tol, target_epsilon]``).
+        **kwargs
+            The keyword-only options and static model arguments of :class:`DPSVI`.
+        """
+        num_steps = _check_positive_int(num_steps, "num_steps")
+        sigma, _, _ = dputil.approximate_sigma_remove_relation(
+            target_epsilon, target_delta, q, num_steps, tol=tol, force_smaller=True
+        )
+        dpsvi = cls(
+            model,
+            guide,
+            optim,
+            per_example_loss,
+            clipping_threshold,
+            sigma,
+            rng_suite,
+            clip_unscaled_observations,
+            **kwargs,
+        )
+        dpsvi._budget = _Budget(float(target_epsilon), float(target_delta), float(q), num_steps)
+        return dpsvi
+
+    def run(
+        self,
+        rng_key: Any,
+        num_steps: int,
+        *args: Any,
+        q: float | None = None,
+        max_batch_size: int | float | None = None,
+        delta: float | None = None,
+        progress_bar: bool = True,
+        init_state: DPSVIState | None = None,
+        init_params: dict | None = None,
+        **kwargs: Any,
+    ) -> DPSVIRunResult:
+        """Train for ``num_steps`` private steps on Poisson-sampled minibatches of ``args``.
+
+        Each step draws a batch with :func:`d3p.minibatch.poisson_batchify_data` (every
+        record independently with probability ``q``, from ``rng_suite``; oversized draws
+        are truncated to ``max_batch_size`` uniformly chosen records) and calls
+        :meth:`update` with the normaliser ``q * N``. Steps run in jitted chunks with a
+        tqdm progress bar. The parameters are initialised on an all-zero stand-in batch,
+        so initialisation sees no private data.
+
+        Parameters
+        ----------
+        rng_key
+            An ``rng_suite`` key (split for batch sampling and the updates).
+        num_steps : int
+            Number of update steps.
+        *args
+            The full data set: arrays with equal first dimension ``N`` (one row per
+            individual).
+        q : float
+            Poisson sampling rate in (0, 1]; expected batch size ``q * N``. Defaults to
+            the planned rate of :meth:`make_private_with_epsilon`.
+        max_batch_size : int or float, optional
+            Structural batch size, or as a float in (0, 1) that quantile of the batch-size
+            distribution. Oversized draws are truncated, and the truncation is included in
+            the accounting. Default: the ``1 - 1e-6`` quantile, or, for a calibrated
+            :meth:`make_private_with_epsilon` plan, the smallest of the ``1 - 1e-6``,
+            ``1 - 1e-9``, ... quantiles whose accounting stays within the budget.
+        delta : float, optional
+            The delta at which the privacy spent is reported; default: the planned delta,
+            else ``1 / N`` (report a smaller delta for a stronger statement).
+        progress_bar : bool
+            Show a tqdm progress bar (with the non-private average loss).
+        init_state : DPSVIState, optional
+            Continue from this state instead of initialising.
+        init_params : dict, optional
+            Initial constrained values of ``numpyro.param`` sites.
+        **kwargs
+            Keyword arguments of model and guide (public).
+
+        Returns
+        -------
+        DPSVIRunResult
+            ``(params, state, losses, epsilon, delta)``; ``epsilon`` is the privacy spent by
+            this run (add/remove-one relation), ``losses`` are not private.
+        """
+        num_steps = _check_positive_int(num_steps, "num_steps")
+        q, delta = self._plan_run(num_steps, q, delta)
+        args, n = _check_batch(args)
+        if any(a is None for a in args):
+            raise ValueError("DPSVI.run needs every positional argument to be a data array")
+        if delta is None:
+            delta = 1.0 / n
+        expected = q * n
+        if self.expected_batch_size is not None and not math.isclose(
+            self.expected_batch_size, expected
+        ):
+            warnings.warn(
+                f"DPSVI.run normalises by q * N = {expected}, not expected_batch_size="
+                f"{self.expected_batch_size}",
+                UserWarning,
+                stacklevel=2,
+            )
+        batch_key, svi_key = self.rng_suite.split(rng_key)
+        batch_init, get_batch, size, epsilon = self._batcher(
+            batch_key, args, q, max_batch_size, num_steps, delta
+        )
+        _, batch_state = batch_init(batch_key)
+        if init_state is None or self._layout is None:
+            zeros = zero_examples(args, size)
+            state = self.init(svi_key, *zeros, init_params=init_params, **kwargs)
+        if init_state is not None:
+            state = init_state
+
+        def step(state, i):
+            batch, mask = get_batch(i, batch_state)
+            return self._update(state, batch, kwargs, mask, expected)
+
+        chunk = -(-num_steps // 50) if progress_bar else num_steps
+
+        @jax.jit
+        def run_chunk(state, start):
+            def body(state, i):
+                def skip(s):
+                    return s, jnp.full((), jnp.nan, loss_type.dtype)
+
+                return jax.lax.cond(i < num_steps, step, lambda s, _: skip(s), state, i)
+
+            return jax.lax.scan(body, state, start + jnp.arange(chunk))
+
+        loss_type = jax.eval_shape(step, state, 0)[1]
+        losses = []
+        with tqdm.trange(num_steps, disable=not progress_bar) as bar:
+            for start in range(0, num_steps, chunk):
+                state, chunk_losses = run_chunk(state, start)
+                losses.append(chunk_losses)
+                done = min(chunk, num_steps - start)
+                bar.set_postfix_str(f"loss {float(jnp.nanmean(chunk_losses)):.4g} (not private)")
+                bar.update(done)
+        losses = jnp.concatenate(losses)[:num_steps]
+        return DPSVIRunResult(self.get_params(state), state, losses, epsilon, delta)
+
+    # ---------------------------------------------------------------- internals
+
+    def _plan_run(self, num_steps: int, q: float | None, delta: float | None) -> tuple:
+        """Fill ``q``/``delta`` from the budget plan and refuse runs that exceed it."""
+        budget = self._budget
+        if budget is None:
+            if q is None:
+                raise ValueError("DPSVI.run needs the Poisson sampling rate q, in (0, 1]")
+            return q, delta
+        q = budget.q if q is None else q
+        if q != budget.q or num_steps > budget.num_steps:
+            raise ValueError(
+                f"this DPSVI was calibrated for q={budget.q} and at most {budget.num_steps} "
+                f"steps; got q={q}, num_steps={num_steps} (the budget would be exceeded)"
+            )
+        return q, budget.delta if delta is None else delta
+
+    def _privacy_spent(self, q: float, num_steps: int, delta: float, n: int, size: int) -> float:
+        """Epsilon of ``num_steps`` Poisson(q) steps truncated at ``size`` of ``n`` records."""
+        if self.dp_scale == 0:
+            return math.inf
+        if size >= n:
+            return dputil.compute_epsilon(self.dp_scale, delta, q, num_steps)
+        return dputil.compute_epsilon(
+            self.dp_scale,
+            delta,
+            q,
+            num_steps,
+            sampling="truncated_poisson",
+            dataset_size=n,
+            max_batch_size=size,
+        )
+
+    def _batcher(
+        self,
+        batch_key: Any,
+        args: tuple,
+        q: float,
+        max_batch_size: Any,
+        num_steps: int,
+        delta: float,
+    ) -> tuple:
+        """Poisson batcher of :meth:`run`, its structural batch size and the epsilon spent."""
+        n = args[0].shape[0]
+        if max_batch_size is not None:
+            candidates = (max_batch_size,)
+        else:
+            candidates = _BATCH_QUANTILES if self._budget else _BATCH_QUANTILES[:1]
+            candidates = (*candidates, n) if self._budget else candidates
+        for candidate in candidates:
+            batch_init, get_batch = minibatch.poisson_batchify_data(
+                args, q, candidate, "truncate", rng_suite=self.rng_suite
+            )
+            size = _structural_batch_size(batch_init, get_batch, batch_key)
+            epsilon = self._privacy_spent(q, num_steps, delta, n, size)
+            if self._budget is None or epsilon <= self._budget.epsilon:
+                return batch_init, get_batch, size, epsilon
+        raise ValueError(
+            f"with max_batch_size={max_batch_size} the truncated Poisson sampling spends "
+            f"epsilon={epsilon} > the budget {self._budget.epsilon}; use a larger "
+            "max_batch_size or leave it at None"
+        )
+
+    def _require_layout(self) -> SiteLayout:
+        if self._layout is None:
+            raise RuntimeError("call DPSVI.init before update/evaluate")
+        return self._layout
+
+    def _normaliser(self, batch_size: int, masked: bool) -> float:
+        """The data-independent divisor of the noisy gradient sum."""
+        if self.expected_batch_size is not None:
+            return self.expected_batch_size
+        if masked and not self._warned_normaliser:
+            self._warned_normaliser = True
+            warnings.warn(
+                "DPSVI.update got a mask but no expected_batch_size: the gradient is divided by "
+                f"the structural batch size {batch_size} (data-independent, but smaller steps "
+                "than intended). For Poisson batches pass expected_batch_size=q*N to DPSVI "
+                "(DPSVI.run does this).",
+                UserWarning,
+                stacklevel=3,
+            )
+        return float(batch_size)
+
+    def _step_inputs(self, state: DPSVIState, kwargs: dict) -> tuple:
+        """Keys, unconstrained params and merged kwargs for the step from ``state``."""
+        self._require_layout()
+        new_key, elbo_key, noise_key = self.rng_suite.split(state.rng_key, 3)
+        jax_key = self.rng_suite.convert_to_jax_rng_key(elbo_key)
+        params = self.optim.get_params(state.optim_state)
+        return new_key, jax_key, noise_key, params, {**kwargs, **self.static_kwargs}
+
+    def _particle_mean(self, fn: Callable, jax_key: jax.Array) -> jax.Array:
+        """Average ``fn(key)`` over the loss's particles, keyed as numpyro's Trace_ELBO."""
+        num_particles = self.per_example_loss.num_particles
+        if num_particles == 1:
+            return fn(jax_key)
+        return jnp.mean(jax.vmap(fn)(jax.random.split(jax_key, num_particles)))
+
+    def _example_loss(
+        self,
+        params: dict,
+        jax_key: jax.Array,
+        example_args: tuple,
+        kwargs: dict,
+        index: jax.Array,
+        obs_scale: jax.Array,
+    ) -> jax.Array:
+        """Loss of one example (a batch of one) whose gradient is clipped, per unit scale."""
+        cparams = self._svi.constrain_fn(params)
+        if self._split_elbo:
+            layout = self._layout
+
+            def particle(key):
+                data_term, _ = elbo_terms(
+                    self.model, self.guide, cparams, key, example_args, kwargs, layout, index
+                )
+                return -data_term
+
+            loss = self._particle_mean(particle, jax_key)
+        else:
+            loss = self.per_example_loss.loss(
+                jax.random.fold_in(jax_key, index),
+                cparams,
+                self.model,
+                self.guide,
+                *example_args,
+                **kwargs,
+            )
+        return loss / obs_scale
+
+    def _global_loss(
+        self, params: dict, jax_key: jax.Array, zero_args: tuple, kwargs: dict
+    ) -> jax.Array:
+        """-(log p(z_g) - log q(z_g)) of the shared global sample; sees no data."""
+        cparams = self._svi.constrain_fn(params)
+        layout = self._layout
+
+        def particle(key):
+            _, global_term = elbo_terms(
+                self.model, self.guide, cparams, key, zero_args, kwargs, layout, 0
+            )
+            return -global_term
+
+        return self._particle_mean(particle, jax_key)
+
+    def _clip_and_sum(
+        self, losses: jax.Array, grads: Any, mask: jax.Array
+    ) -> tuple[Any, jax.Array, jax.Array]:
+        """Clip per-example gradients (leading axis) to norm C, drop bad rows, and sum."""
+        leaves = jax.tree.leaves(grads)
+        rows = mask.shape[0]
+
+        def per_row(fn, g):
+            return fn(g.reshape(rows, -1), axis=1)
+
+        sq_norm = sum((per_row(jnp.sum, jnp.square(g)) for g in leaves), jnp.zeros(rows))
+        peak = jnp.zeros(rows)
+        for g in leaves:
+            peak = jnp.maximum(peak, per_row(_max_or_zero, jnp.abs(g)))
+        finite = jnp.isfinite(peak)
+        # sum of squares can overflow for huge but finite gradients: bound the norm instead
+        size = sum(math.prod(g.shape[1:]) for g in leaves)
+        norm = jnp.where(jnp.isfinite(sq_norm), jnp.sqrt(sq_norm), peak * math.sqrt(size))
+        ok = mask & finite
+        factor = jnp.where(ok, jnp.minimum(1.0, self.clipping_threshold / norm), 0.0)
+
+        def clipped_sum(g):
+            shape = (rows,) + (1,) * (g.ndim - 1)
+            terms = jnp.where(ok.reshape(shape), g * factor.reshape(shape).astype(g.dtype), 0)
+            return jnp.sum(terms, axis=0)
+
+        grad_sum = jax.tree.map(clipped_sum, grads)
+        loss_sum = jnp.sum(jnp.where(ok, losses, 0.0))
+        num_bad = jnp.sum(mask & ~finite, dtype=jnp.int32)
+        return grad_sum, loss_sum, num_bad
+
+    def _clipped_sum(
+        self,
+        params: dict,
+        jax_key: jax.Array,
+        args: tuple,
+        kwargs: dict,
+        mask: jax.Array,
+        obs_scale: jax.Array,
+    ) -> tuple[Any, jax.Array, jax.Array]:
+        """Sum of clipped per-example gradients, loss sum and non-finite count of a batch."""
+        per_example = jax.vmap(
+            jax.value_and_grad(
+                lambda p, ex, i: self._example_loss(p, jax_key, ex, kwargs, i, obs_scale)
+            ),
+            in_axes=(None, 0, 0),
+        )
+
+        def chunk(ex_args, index, chunk_mask):
+            losses, grads = per_example(params, ex_args, index)
+            return self._clip_and_sum(losses, grads, chunk_mask)
+
+        batch_size = mask.shape[0]
+        xs = (_add_examples_axis(args), jnp.arange(batch_size), mask)
+        k = self.chunk_size
+        if k is None or k >= batch_size:
+            return chunk(*xs)
+        num_chunks = -(-batch_size // k)
+        pad = num_chunks * k - batch_size
+
+        def to_chunks(x):
+            x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
+            return x.reshape(num_chunks, k, *x.shape[1:])
+
+        xs = jax.tree.map(to_chunks, xs)
+        first = jax.tree.map(lambda x: x[0], xs)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(chunk, *first))
+
+        def body(carry, x):
+            return jax.tree.map(jnp.add, carry, chunk(*x)), None
+
+        total, _ = jax.lax.scan(body, zeros, xs)
+        return total
+
+    def _noise(self, noise_key: Any, like: Any) -> Any:
+        """Privacy noise N(0, (dp_scale * C)^2) per coordinate, shaped like ``like``."""
+        flat, unravel = ravel_pytree(like)
+        z = self.rng_suite.hardened_normal(noise_key, flat.shape, flat.dtype)
+        return unravel(z * (self.dp_scale * self.clipping_threshold))
+
+    def _optim_update(self, grads: Any, optim_state: Any) -> Any:
+        if getattr(self.optim, "update_with_value", False):
+            # optax wrappers want the loss value; the loss is not private, so never pass it
+            return self.optim.update(grads, optim_state, value=jnp.array(jnp.nan))
+        return self.optim.update(grads, optim_state)
+
+    def _update(
+        self, state: DPSVIState, args: tuple, kwargs: dict, mask: jax.Array, normaliser: float
+    ) -> tuple[DPSVIState, jax.Array]:
+        new_key, jax_key, noise_key, params, kwargs = self._step_inputs(state, kwargs)
+        obs_scale = state.observation_scale
+        grad_sum, loss_sum, num_bad = self._clipped_sum(
+            params, jax_key, args, kwargs, mask, obs_scale
+        )
+        if self.dp_scale > 0:
+            grad_sum = jax.tree.map(jnp.add, grad_sum, self._noise(noise_key, grad_sum))
+        factor = obs_scale / normaliser
+        grads = jax.tree.map(lambda g: (g * factor).astype(g.dtype), grad_sum)
+        loss = loss_sum * factor
+        if self._split_elbo:
+            # post-processing: data-free term added after the noise
+            global_loss, global_grads = jax.value_and_grad(self._global_loss)(
+                params, jax_key, zero_examples(args), kwargs
+            )
+            grads = jax.tree.map(jnp.add, grads, global_grads)
+            loss = loss + global_loss
+        optim_state = self._optim_update(grads, state.optim_state)
+        count = jnp.asarray(state.num_nonfinite_grads, jnp.int32) + num_bad
+        return DPSVIState(optim_state, new_key, obs_scale, count), loss

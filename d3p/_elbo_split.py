@@ -1,0 +1,257 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: © 2026 d3p developers
+"""Split a NumPyro model/guide ELBO into per-example (data) and global (data-free) terms.
+
+Used by :class:`d3p.svi.DPSVI`. For a model whose likelihood factorises over the examples
+of a minibatch, the single-sample ELBO estimate is::
+
+    ELBO = sum_i [log p(x_i, z_i | z_g) - log q(z_i)]  +  [log p(z_g) - log q(z_g)]
+           \\______ per-example (data) terms ______/      \\_ global (data-free) _/
+
+where ``z_g`` are the global latents (one value shared by all examples) and ``z_i`` the local
+latents of example ``i``. Only the first part depends on an individual's record, so only it
+needs per-example gradients, clipping and noise.
+
+Sites are classified by tracing the model and the guide on a batch of one and a batch of two
+examples: a sample site whose value shape changes with the batch size belongs to the data
+plate (per-example), every other sample site is global.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from numpyro.handlers import replay, seed
+from numpyro.infer.util import compute_log_probs
+from numpyro.primitives import Messenger
+
+__all__ = ["SiteLayout", "classify_sites", "elbo_terms", "first_examples", "zero_examples"]
+
+
+class SiteLayout(NamedTuple):
+    """Which sample sites are per-example, and the plate scale of one example.
+
+    Attributes
+    ----------
+    model_local : frozenset of str
+        Model sample sites inside the data plate (observations and local latents).
+    guide_local : frozenset of str
+        Guide sample sites inside the data plate (local latents).
+    observation_scale : float
+        The scale (plate weight) of the observed sites when the batch holds one example,
+        i.e. the data-set size for a correctly plated model; 1.0 when not scaled.
+    """
+
+    model_local: frozenset
+    guide_local: frozenset
+    observation_scale: float
+
+
+class _FoldInExampleIndex(Messenger):
+    """Give the listed (per-example) sample sites randomness specific to one example.
+
+    Must wrap a ``seed`` handler: it folds the example index into the key that ``seed``
+    assigned, so local latents of different examples are independent while global sites
+    keep the key shared by every example.
+    """
+
+    def __init__(self, fn: Callable, names: frozenset, index: jax.Array):
+        self.names = names
+        self.index = index
+        super().__init__(fn)
+
+    def process_message(self, msg: dict) -> None:
+        if msg["type"] != "sample" or msg["name"] not in self.names:
+            return
+        key = msg["kwargs"].get("rng_key")
+        if key is not None:
+            msg["kwargs"]["rng_key"] = jax.random.fold_in(key, self.index)
+
+
+def first_examples(args: Sequence[Any], n: int) -> tuple:
+    """The first example of every batch argument, repeated ``n`` times (``None`` kept)."""
+    return tuple(None if a is None else jnp.repeat(a[:1], n, axis=0) for a in args)
+
+
+def zero_examples(args: Sequence[Any], n: int = 1) -> tuple:
+    """A batch of ``n`` all-zero examples shaped like ``args`` (data-free stand-in)."""
+    return tuple(None if a is None else jnp.zeros((n, *a.shape[1:]), a.dtype) for a in args)
+
+
+def _run_traces(
+    model: Callable,
+    guide: Callable,
+    params: dict,
+    rng_key: jax.Array,
+    args: tuple,
+    kwargs: dict,
+    layout: SiteLayout | None,
+    index: jax.Array | int,
+) -> tuple[dict, Any, dict, Any]:
+    """Trace guide then model (replayed) like numpyro's ``Trace_ELBO`` with one particle.
+
+    Returns the per-site scaled log-densities and the traces of the model and the guide.
+    """
+    model_seed, guide_seed = jax.random.split(rng_key)
+    guide_fn = seed(guide, guide_seed)
+    if layout is not None:
+        guide_fn = _FoldInExampleIndex(guide_fn, layout.guide_local, index)
+    guide_lp, guide_trace = compute_log_probs(guide_fn, args, kwargs, params)
+    model_fn = replay(seed(model, model_seed), guide_trace)
+    if layout is not None:
+        model_fn = _FoldInExampleIndex(model_fn, layout.model_local, index)
+    model_lp, model_trace = compute_log_probs(model_fn, args, kwargs, params)
+    return model_lp, model_trace, guide_lp, guide_trace
+
+
+def elbo_terms(
+    model: Callable,
+    guide: Callable,
+    params: dict,
+    rng_key: jax.Array,
+    args: tuple,
+    kwargs: dict,
+    layout: SiteLayout,
+    index: jax.Array | int,
+) -> tuple[jax.Array, jax.Array]:
+    """The per-example and the global part of a single-particle ELBO estimate.
+
+    Parameters
+    ----------
+    params : dict
+        Constrained parameter values of the model and the guide.
+    rng_key : jax.Array
+        Raw JAX key of the particle; global latents are drawn from it unchanged, so every
+        example sees the same global sample.
+    args : tuple
+        Batch arguments holding exactly one example each (leading dimension 1).
+    index : int or jax.Array
+        Position of the example in the batch, folded into the keys of local latents.
+
+    Returns
+    -------
+    data_term, global_term : jax.Array
+        ``log p(x_i, z_i | z_g) - log q(z_i)`` (with the sites' scales) and
+        ``log p(z_g) - log q(z_g)``.
+    """
+    model_lp, _, guide_lp, _ = _run_traces(
+        model, guide, params, rng_key, args, kwargs, layout, index
+    )
+    zero = jnp.zeros(())
+    data_term = zero + sum(v for k, v in model_lp.items() if k in layout.model_local)
+    data_term = data_term - sum(v for k, v in guide_lp.items() if k in layout.guide_local)
+    global_term = zero + sum(v for k, v in model_lp.items() if k not in layout.model_local)
+    global_term = global_term - sum(v for k, v in guide_lp.items() if k not in layout.guide_local)
+    return data_term, global_term
+
+
+def _sample_sites(tr: dict) -> dict:
+    return {name: site for name, site in tr.items() if site["type"] == "sample"}
+
+
+def _check_no_mutable(tr: dict, which: str) -> None:
+    mutable = [name for name, site in tr.items() if site["type"] == "mutable"]
+    if mutable:
+        raise ValueError(
+            f"DPSVI does not support {which}s with mutable state (numpyro.mutable sites "
+            f"{mutable}): the state would be updated from private data without noise."
+        )
+
+
+def _local_sites(tr1: dict, tr2: dict, which: str) -> frozenset:
+    s1, s2 = _sample_sites(tr1), _sample_sites(tr2)
+    if set(s1) != set(s2):
+        raise ValueError(
+            f"The {which}'s sample sites change with the batch size "
+            f"({sorted(set(s1) ^ set(s2))}); DPSVI needs the same sites for every batch."
+        )
+    return frozenset(n for n in s1 if jnp.shape(s1[n]["value"]) != jnp.shape(s2[n]["value"]))
+
+
+def _as_static_float(scale: Any, name: str) -> float:
+    if scale is None:
+        return 1.0
+    try:
+        return float(scale)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise TypeError(
+            f"The scale of observed site '{name}' must be a static number (a plate size or a "
+            f"constant handlers.scale), not a traced or array value."
+        ) from None
+
+
+def _observation_scale(model_trace1: dict, model_local: frozenset) -> float:
+    observed = {n: s for n, s in _sample_sites(model_trace1).items() if s["is_observed"]}
+    if not observed:
+        raise ValueError("The model has no observed sample site; there is no data to protect.")
+    global_obs = sorted(n for n in observed if n not in model_local)
+    if global_obs:
+        raise ValueError(
+            f"Observed sites {global_obs} do not grow with the batch size, so their "
+            "likelihood does not factorise over examples and cannot be clipped per example. "
+            "Put every observation in a plate over the batch "
+            "(numpyro.plate('data', N, subsample_size=batch_size))."
+        )
+    unplated = sorted(n for n, s in observed.items() if not s["cond_indep_stack"])
+    if unplated:
+        warnings.warn(
+            f"Observed sites {unplated} are not inside a numpyro.plate: the likelihood of a "
+            "minibatch is not scaled up to the data-set size, so the prior is over-weighted "
+            "(by N / batch size). Use numpyro.plate('data', N, subsample_size=batch_size).",
+            UserWarning,
+            stacklevel=4,
+        )
+    scales = {n: _as_static_float(s["scale"], n) for n, s in observed.items()}
+    if len(set(scales.values())) > 1:
+        raise ValueError(
+            f"Observed sites have different plate scales {scales}; DPSVI needs one scale "
+            "(one example = one individual) to clip unscaled per-example gradients."
+        )
+    return next(iter(scales.values()))
+
+
+def classify_sites(
+    model: Callable,
+    guide: Callable,
+    params: dict,
+    rng_key: jax.Array,
+    args: tuple,
+    kwargs: dict,
+) -> SiteLayout:
+    """Classify the sample sites of ``model`` and ``guide`` and validate the model for DPSVI.
+
+    Parameters
+    ----------
+    params : dict
+        Constrained parameter values (as after ``init``).
+    rng_key : jax.Array
+        Raw JAX key used for the two tracing runs.
+    args : tuple
+        A batch (leading dimension >= 1) of the positional data arguments.
+    kwargs : dict
+        Keyword arguments of model and guide (not per-example).
+
+    Returns
+    -------
+    SiteLayout
+
+    Raises
+    ------
+    ValueError
+        Mutable state, no observed site, observed sites outside the data plate or with
+        different scales, or sites that appear only for some batch sizes.
+    """
+    traces = [
+        _run_traces(model, guide, params, rng_key, first_examples(args, n), kwargs, None, 0)
+        for n in (1, 2)
+    ]
+    (_, model1, _, guide1), (_, model2, _, guide2) = traces
+    _check_no_mutable(model1, "model")
+    _check_no_mutable(guide1, "guide")
+    model_local = _local_sites(model1, model2, "model")
+    guide_local = _local_sites(guide1, guide2, "guide")
+    return SiteLayout(model_local, guide_local, _observation_scale(model1, model_local))

@@ -1,0 +1,317 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: © 2026 d3p developers
+"""Tests for d3p.minibatch: exactness of the samplers, the jit/loop contract, bad input.
+
+Statistical tests use fixed seeds. Per-cell checks use 5 standard deviations of
+the binomial count being checked; chi-square tests reject at p < 1e-6 (with the
+fixed seed a failure means a real distributional error, not bad luck).
+"""
+
+import importlib
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from d3p import minibatch as mb
+
+SIGMAS = 5.0
+P_REJECT = 1e-6
+
+
+def _suite(name):
+    """The rng suite module ``name``, or skip if it does not provide the interface yet."""
+    module = importlib.import_module(name)
+    if not all(
+        hasattr(module, f) for f in ("PRNGKey", "fold_in", "split", "random_bits", "randint")
+    ):
+        pytest.skip(f"{name} does not provide the rng_suite interface yet")
+    return module
+
+
+@pytest.fixture(scope="module")
+def suite():
+    """The suite for the statistical tests: the secure default, which users get."""
+    return _suite("d3p.random")
+
+
+def _draw(get_batch, state, num):
+    """Batches of steps 0..num-1, vectorised over the step index."""
+    return jax.jit(jax.vmap(get_batch, in_axes=(0, None)))(jnp.arange(num), state)
+
+
+def _within_binomial(counts, trials, p):
+    """Assert every count is within SIGMAS standard deviations of Binomial(trials, p)."""
+    sd = math.sqrt(trials * p * (1 - p))
+    dev = np.abs(np.asarray(counts) - trials * p)
+    assert dev.max() <= SIGMAS * sd, (dev.max(), SIGMAS * sd)
+
+
+def _chi_square_pvalue(observed, expected):
+    """p-value of Pearson's chi-square on counts, pooling cells with expected count < 5."""
+    observed, expected = np.asarray(observed, float), np.asarray(expected, float)
+    small = expected < 5
+    if small.any():
+        observed = np.append(observed[~small], observed[small].sum())
+        expected = np.append(expected[~small], expected[small].sum())
+    stat = ((observed - expected) ** 2 / expected).sum()
+    return stats.chi2.sf(stat, len(observed) - 1)
+
+
+# ----------------------------------------------------------------- Poisson
+
+
+N_POISSON, Q_POISSON, M_POISSON, T_POISSON = 40, 0.2, 20, 5000
+
+
+@pytest.fixture(scope="module")
+def poisson_draws(suite):
+    """T draws of a Poisson batch of 40 records with q = 0.2 (max 20: stream path)."""
+    data = (jnp.arange(1, N_POISSON + 1),)
+    init, get_batch = mb.poisson_batchify_data(data, Q_POISSON, M_POISSON, rng_suite=suite)
+    _, state = init(suite.PRNGKey(11))
+    (rows,), mask = _draw(get_batch, state, T_POISSON)
+    rows, mask = np.asarray(rows), np.asarray(mask)
+    member = np.zeros((T_POISSON, N_POISSON), bool)
+    t_idx = np.repeat(np.arange(T_POISSON), M_POISSON).reshape(T_POISSON, M_POISSON)
+    member[t_idx[mask], rows[mask] - 1] = True
+    return rows, mask, member
+
+
+def test_poisson_masked_rows_are_zero_and_members_distinct(poisson_draws):
+    rows, mask, member = poisson_draws
+    assert np.all(rows[~mask] == 0)
+    assert np.all(rows[mask] >= 1)
+    np.testing.assert_array_equal(member.sum(1), mask.sum(1))  # no duplicates in a batch
+
+
+def test_poisson_inclusion_frequency(poisson_draws):
+    _, _, member = poisson_draws
+    # each record's count is Binomial(T, q)
+    _within_binomial(member.sum(0), T_POISSON, Q_POISSON)
+
+
+def test_poisson_pairwise_independence(poisson_draws):
+    _, _, member = poisson_draws
+    m = member.astype(np.int64)
+    joint = (m.T @ m)[np.triu_indices(N_POISSON, 1)]
+    # each pair's co-occurrence count is Binomial(T, q**2) under independence
+    _within_binomial(joint, T_POISSON, Q_POISSON**2)
+
+
+def test_poisson_batch_size_distribution(poisson_draws):
+    _, mask, _ = poisson_draws
+    sizes = mask.sum(1)
+    k = np.arange(M_POISSON + 1)
+    expected = T_POISSON * stats.binom.pmf(k, N_POISSON, Q_POISSON)
+    expected[-1] += T_POISSON * stats.binom.sf(M_POISSON, N_POISSON, Q_POISSON)  # truncated
+    observed = np.bincount(sizes, minlength=M_POISSON + 1)
+    assert _chi_square_pvalue(observed, expected) > P_REJECT
+
+
+def test_poisson_truncation_is_uniform_subset(suite):
+    n, q, m, t = 8, 0.9, 3, 5600
+    init, get_batch = mb.poisson_batchify_data((jnp.arange(n),), q, m, "truncate", suite)
+    (rows,), mask = _draw(get_batch, init(suite.PRNGKey(5))[1], t)
+    rows, mask = np.asarray(rows), np.asarray(mask)
+    full = mask.all(1)
+    p_full = stats.binom.sf(m - 1, n, q)
+    _within_binomial([full.sum()], t, p_full)
+    # given a full batch, every 3-subset of the 8 records is equally likely (56 cells)
+    subsets = {s: i for i, s in enumerate(itertools.combinations(range(n), m))}
+    cells = [subsets[tuple(sorted(r))] for r in rows[full]]
+    observed = np.bincount(cells, minlength=len(subsets))
+    expected = np.full(len(subsets), full.sum() / len(subsets))
+    assert _chi_square_pvalue(observed, expected) > P_REJECT
+
+
+def test_poisson_suppress_empties_exactly_oversized_draws(suite):
+    n, q, m, t = 12, 0.5, 6, 4000
+    data = (jnp.arange(1, n + 1),)
+    key = suite.PRNGKey(8)
+    init_t, get_t = mb.poisson_batchify_data(data, q, m, "truncate", suite)
+    init_s, get_s = mb.poisson_batchify_data(data, q, m, "suppress", suite)
+    (_, mask_t), ((rows_s,), mask_s) = (
+        _draw(get_t, init_t(key)[1], t),
+        _draw(get_s, init_s(key)[1], t),
+    )
+    size_t, size_s = np.asarray(mask_t).sum(1), np.asarray(mask_s).sum(1)
+    assert np.all(np.asarray(rows_s)[~np.asarray(mask_s)] == 0)
+    # same key -> same size draw: suppress differs from truncate only on oversized draws,
+    # which truncate reports as full (size m) and suppress as empty
+    differs = size_t != size_s
+    assert np.all(size_t[differs] == m) and np.all(size_s[differs] == 0)
+    # sizes under suppress: P(0) = P(B = 0) + P(B > m), P(k) = P(B = k) otherwise
+    expected = t * stats.binom.pmf(np.arange(m + 1), n, q)
+    expected[0] += t * stats.binom.sf(m, n, q)
+    assert _chi_square_pvalue(np.bincount(size_s, minlength=m + 1), expected) > P_REJECT
+
+
+def test_poisson_larger_max_than_records_never_oversized(suite):
+    init, get_batch = mb.poisson_batchify_data((jnp.arange(1, 6),), 1.0, 8, rng_suite=suite)
+    (rows,), mask = get_batch(0, init(suite.PRNGKey(0))[1])
+    np.testing.assert_array_equal(mask, [True] * 5 + [False] * 3)
+    np.testing.assert_array_equal(np.sort(np.asarray(rows)[:5]), np.arange(1, 6))
+
+
+def test_poisson_quantile_max_batch_size(suite):
+    n, q = 1000, 0.03
+    for level in (0.5, 0.99, 0.999999):
+        _, get_batch = mb.poisson_batchify_data((jnp.zeros((n, 2)),), q, level, rng_suite=suite)
+        _, mask = jax.eval_shape(get_batch, 0, suite.PRNGKey(0))
+        assert mask.shape == (int(stats.binom.ppf(level, n, q)),)
+
+
+def test_contract_jit_init_and_fori_loop(suite, x64):
+    dtype = jnp.float64 if x64 else jnp.float32
+    data = (jnp.arange(50, dtype=dtype).reshape(25, 2), jnp.arange(25))
+    init, get_batch = mb.poisson_batchify_data(data, np.float64(0.2), np.int64(10), rng_suite=suite)
+    num, state = jax.jit(init)(suite.PRNGKey(3))
+    assert int(num) == 5
+
+    def total(state):
+        return jax.lax.fori_loop(0, 4, lambda i, a: a + get_batch(i, state)[1].sum(), 0)
+
+    looped = jax.jit(total)(state)
+    step = jax.jit(get_batch)
+    batches = [step(i, state) for i in range(4)]
+    assert int(looped) == sum(int(mask.sum()) for _, mask in batches)
+    assert batches[0][0][0].dtype == dtype
+    # reproducible per step, different across steps
+    np.testing.assert_array_equal(step(1, state)[0][1], batches[1][0][1])
+    assert not np.array_equal(batches[1][0][1], batches[2][0][1])
+
+
+# ------------------------------------------------------------ fixed size
+
+
+@pytest.mark.parametrize("batch_size", [7, 20])  # stream path, permutation path
+def test_subsample_without_replacement_uniform(suite, batch_size):
+    n, t = 30, 3000
+    init, get_batch = mb.subsample_batchify_data(
+        (jnp.arange(n),), batch_size=batch_size, rng_suite=suite
+    )
+    num, state = init(suite.PRNGKey(batch_size))
+    assert num == n // batch_size
+    (rows,) = _draw(get_batch, state, t)
+    rows = np.asarray(rows)
+    assert all(len(set(r)) == batch_size for r in rows)
+    _within_binomial(np.bincount(rows.ravel(), minlength=n), t, batch_size / n)
+
+
+def test_subsample_with_replacement_duplicate_rate(suite):
+    n, b, t = 20, 5, 4000
+    init, get_batch = mb.subsample_batchify_data(
+        (jnp.arange(n),), q=0.25, with_replacement=True, rng_suite=suite, return_mask=True
+    )
+    (rows,), mask = _draw(get_batch, init(suite.PRNGKey(4))[1], t)
+    assert np.asarray(mask).all() and rows.shape == (t, b)
+    has_dup = np.array([len(set(r)) < b for r in np.asarray(rows)])
+    p_dup = 1 - math.prod(1 - j / n for j in range(b))
+    _within_binomial([has_dup.sum()], t, p_dup)
+    _within_binomial(np.bincount(np.asarray(rows).ravel(), minlength=n), t * b, 1 / n)
+
+
+@pytest.mark.parametrize("n", [100, 105])
+def test_split_epoch_visits_each_record_once(suite, n):
+    init, get_batch = mb.split_batchify_data((jnp.arange(n),), batch_size=10, rng_suite=suite)
+    num, perm = jax.jit(init)(suite.PRNGKey(1))
+    assert int(num) == 10
+    (rows,) = _draw(get_batch, perm, 11)
+    epoch = np.asarray(rows[:10]).ravel()
+    assert len(set(epoch)) == 100  # at most once; exactly once when 10 divides n
+    if n == 100:
+        np.testing.assert_array_equal(np.sort(epoch), np.arange(n))
+    np.testing.assert_array_equal(rows[10], rows[0])  # wraps around within the epoch
+
+
+def test_split_permutations_uniform(suite):
+    t = 2400
+    init, _ = mb.split_batchify_data((jnp.arange(4),), batch_size=1, rng_suite=suite)
+    perms = jax.vmap(lambda k: init(k)[1])(suite.split(suite.PRNGKey(2), t))
+    cells = {p: i for i, p in enumerate(itertools.permutations(range(4)))}
+    observed = np.bincount([cells[tuple(p)] for p in np.asarray(perms)], minlength=24)
+    assert _chi_square_pvalue(observed, np.full(24, t / 24)) > P_REJECT
+
+
+@pytest.mark.parametrize("n, big_n", [(2, 6), (3, 4)])  # stream path, permutation path
+def test_sample_without_replacement_ordered_uniform(suite, n, big_n):
+    t = 3000
+    keys = suite.split(suite.PRNGKey(n), t)
+    draws = np.asarray(jax.vmap(lambda k: mb.sample_without_replacement(k, n, big_n, suite))(keys))
+    cells = {p: i for i, p in enumerate(itertools.permutations(range(big_n), n))}
+    observed = np.bincount([cells[tuple(d)] for d in draws], minlength=len(cells))
+    assert _chi_square_pvalue(observed, np.full(len(cells), t / len(cells))) > P_REJECT
+
+
+def test_sample_without_replacement_large_range(suite):
+    out = mb.sample_without_replacement(suite.PRNGKey(0), 1000, 2**31 - 1, suite)
+    assert out.shape == (1000,) and out.dtype == jnp.int32
+    assert len(np.unique(out)) == 1000 and int(out.min()) >= 0
+    assert mb.sample_without_replacement(suite.PRNGKey(0), 0, 5, suite).shape == (0,)
+
+
+@pytest.mark.filterwarnings("ignore:d3p.random.debug uses")
+@pytest.mark.parametrize("name", ["d3p.random", "d3p.random.debug"])
+def test_poisson_batch_with_each_suite(name):
+    suite = _suite(name)
+    init, get_batch = mb.poisson_batchify_data((jnp.arange(1, 101),), 0.1, 25, rng_suite=suite)
+    (rows,), mask = jax.jit(get_batch)(3, init(suite.PRNGKey(0))[1])
+    rows, mask = np.asarray(rows), np.asarray(mask)
+    assert np.all(rows[~mask] == 0) and len(set(rows[mask])) == mask.sum() > 0
+
+
+def test_conversions():
+    assert mb.q_to_batch_size(np.float32(0.25), 10) == 2
+    assert mb.batch_size_to_q(np.int64(5), 20) == 0.25
+
+
+# ------------------------------------------------------------- bad input
+
+_X = (np.zeros((10, 2)),)
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: mb.poisson_batchify_data([np.zeros(3)], 0.1, 2), "dataset"),
+        (lambda: mb.poisson_batchify_data((), 0.1, 2), "dataset"),
+        (lambda: mb.poisson_batchify_data((np.zeros(3), np.zeros(4)), 0.1, 2), "dataset"),
+        (lambda: mb.poisson_batchify_data((np.zeros((0, 2)),), 0.1, 2), "dataset"),
+        (lambda: mb.poisson_batchify_data(_X, 0.0, 2), "q"),
+        (lambda: mb.poisson_batchify_data(_X, 1.5, 2), "q"),
+        (lambda: mb.poisson_batchify_data(_X, float("nan"), 2), "q"),
+        (lambda: mb.poisson_batchify_data(_X, 0.1, 0), "max_batch_size"),
+        (lambda: mb.poisson_batchify_data(_X, 0.1, 1.0), "max_batch_size"),
+        (lambda: mb.poisson_batchify_data(_X, 0.1, 2, "drop"), "handle_oversized_batch"),
+        (lambda: mb.subsample_batchify_data(_X), "batch_size"),
+        (lambda: mb.subsample_batchify_data(_X, batch_size=2, q=0.2), "batch_size"),
+        (lambda: mb.subsample_batchify_data(_X, batch_size=11), "batch_size"),
+        (lambda: mb.subsample_batchify_data(_X, q=-0.1), "q"),
+        (lambda: mb.subsample_batchify_data(_X, q=0.01), "q"),
+        (lambda: mb.split_batchify_data(_X, batch_size=0), "batch_size"),
+        (lambda: mb.split_batchify_data(_X, batch_size=11), "batch_size"),
+        (lambda: mb.sample_without_replacement(None, 4, 3), "n"),
+        (lambda: mb.sample_without_replacement(None, 1, 0), "N"),
+    ],
+)
+def test_bad_input_raises_value_error(call, name):
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        call()
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: mb.poisson_batchify_data(_X, "0.1", 2), "q"),
+        (lambda: mb.poisson_batchify_data(_X, 0.1, "2"), "max_batch_size"),
+        (lambda: mb.subsample_batchify_data(_X, batch_size=2.0), "batch_size"),
+    ],
+)
+def test_bad_type_raises_type_error(call, name):
+    with pytest.raises(TypeError, match=rf"\b{name}\b"):
+        call()

@@ -1,0 +1,613 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: © 2026 d3p developers
+"""Tests of d3p.svi: DPSVI against numpyro's SVI, clipping, noise, masking and errors.
+
+Most tests use the fast d3p.random.debug suite (jax.random keys) so that the DPSVI key
+handling can be matched with numpyro's SVI; the noise tests also run the secure suite.
+"""
+
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import optax
+import pytest
+from numpyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from numpyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
+
+import d3p.random
+from d3p import dputil
+from d3p._elbo_split import classify_sites
+from d3p.svi import DPSVI, DPSVIState, clip_gradient, full_norm, normalize_gradient
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import d3p.random.debug as debug
+
+N_TOTAL, D, B = 1000, 3, 8
+
+
+def logreg_model(x, y, N=N_TOTAL):
+    w = numpyro.sample("w", dist.Normal(jnp.zeros(x.shape[1]), 1.0).to_event(1))
+    with numpyro.plate("data", N, subsample_size=x.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(logits=x @ w), obs=y)
+
+
+def logreg_guide(x, y, N=N_TOTAL):
+    loc = numpyro.param("loc", jnp.zeros(x.shape[1]))
+    scale = numpyro.param("scale", jnp.ones(x.shape[1]), constraint=dist.constraints.positive)
+    numpyro.sample("w", dist.Normal(loc, scale).to_event(1))
+
+
+def point_model(x, y, N=N_TOTAL):
+    """No latents: the per-example gradient of -log p(y_i | x_i, w) is (sigmoid - y) x."""
+    w = numpyro.param("w", jnp.full(x.shape[1], 0.1))
+    with numpyro.plate("data", N, subsample_size=x.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(logits=x @ w), obs=y)
+
+
+def empty_guide(x, y, N=N_TOTAL):
+    pass
+
+
+def noise_only_model(x, y, N=N_TOTAL):
+    """A parameter vector the likelihood does not depend on: its data gradient is zero."""
+    numpyro.param("w", jnp.zeros(4000))
+    with numpyro.plate("data", N, subsample_size=x.shape[0]):
+        numpyro.sample("y", dist.Normal(0.0, 1.0), obs=y)
+
+
+def data(n=B, seed=0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(n, D)), dtype)
+    y = jnp.asarray(rng.integers(0, 2, n), dtype)
+    return x, y
+
+
+def tree_max_diff(a, b):
+    return max(
+        float(jnp.max(jnp.abs(u - v))) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
+def sgd_gradient(dpsvi, state, *args, **kwargs):
+    """With SGD(step 1) the parameter change is minus the gradient handed to the optimiser."""
+    before = dpsvi.optim.get_params(state.optim_state)
+    state, loss = jax.jit(lambda s: dpsvi.update(s, *args, **kwargs))(state)
+    after = dpsvi.optim.get_params(state.optim_state)
+    return jax.tree.map(lambda a, b: a - b, before, after), state, loss
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def test_full_norm():
+    assert float(full_norm(None)) == 0.0
+    assert float(full_norm({})) == 0.0
+    tree = {"a": jnp.array([3.0]), "b": [jnp.array([[4.0]])]}
+    assert float(full_norm(tree)) == pytest.approx(5.0)
+    assert float(full_norm(tree, ord=1)) == pytest.approx(7.0)
+    assert float(jax.jit(full_norm)(tree)) == pytest.approx(5.0)
+
+
+def test_clip_gradient():
+    tree = {"a": jnp.array([3.0]), "b": jnp.array([4.0])}
+    clipped = clip_gradient(tree, 1.0)
+    assert float(full_norm(clipped)) == pytest.approx(1.0, rel=1e-6)
+    np.testing.assert_allclose(clipped["a"] / clipped["b"], 0.75, rtol=1e-6)
+    assert tree_max_diff(clip_gradient(tree, 10.0), tree) == 0.0
+    assert tree_max_diff(clip_gradient(tree, math.inf), tree) == 0.0
+    assert float(full_norm(jax.jit(clip_gradient)(tree, 2.0))) == pytest.approx(2.0, rel=1e-6)
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="c must be"):
+            clip_gradient(tree, bad)
+
+
+def test_normalize_gradient():
+    tree = {"a": jnp.array([3.0]), "b": jnp.array([4.0])}
+    assert float(full_norm(normalize_gradient(tree))) == pytest.approx(1.0, rel=1e-6)
+    zero = {"a": jnp.zeros(2)}
+    assert float(full_norm(normalize_gradient(zero))) == 0.0
+
+
+# ---------------------------------------------------------------- equivalence with SVI
+
+
+def svi_reference(model, guide, optim, dpsvi, state, x, y, loss=None):
+    """numpyro SVI started from DPSVI's parameters and key (both split the key identically)."""
+    svi = SVI(model, guide, optim, loss or Trace_ELBO())
+    svi_state = svi.init(jax.random.PRNGKey(123), x, y, init_params=dpsvi.get_params(state))
+    return svi, svi_state._replace(rng_key=state.rng_key)
+
+
+@pytest.mark.parametrize("guide_kind", ["diag", "auto_normal", "hand"])
+def test_matches_svi_without_noise_and_clipping(guide_kind, x64):
+    # dp_scale=0 and C far above every gradient norm: DPSVI must take numpyro SVI's steps.
+    guide = {
+        "diag": lambda: AutoDiagonalNormal(logreg_model),
+        "auto_normal": lambda: AutoNormal(logreg_model),
+        "hand": lambda: logreg_guide,
+    }[guide_kind]()
+    if x64 and guide_kind != "diag":
+        pytest.skip("x64 is covered by one guide")
+    x, y = data(dtype=jnp.float64 if x64 else jnp.float32)
+    optim = numpyro.optim.Adam(1e-2)
+    dpsvi = DPSVI(logreg_model, guide, optim, Trace_ELBO(), 1e8, 0.0, rng_suite=debug)
+    state = dpsvi.init(debug.PRNGKey(3), x, y)
+    svi, svi_state = svi_reference(logreg_model, guide, optim, dpsvi, state, x, y)
+    dp_step, svi_step = jax.jit(dpsvi.update), jax.jit(svi.update)
+    for _ in range(3):
+        state, loss = dp_step(state, x, y)
+        svi_state, svi_loss = svi_step(svi_state, x, y)
+        # float32: sums in a different order, relative error ~1e-6; float64 ~1e-14
+        assert float(loss) == pytest.approx(float(svi_loss), rel=1e-12 if x64 else 1e-5)
+    tol = 1e-12 if x64 else 1e-5
+    assert tree_max_diff(dpsvi.get_params(state), svi.get_params(svi_state)) < tol
+    assert all(
+        leaf.dtype == (jnp.float64 if x64 else jnp.float32)
+        for leaf in jax.tree.leaves(dpsvi.get_params(state))
+    )
+
+
+def test_gradient_is_mean_of_per_example_gradients():
+    # DPSVI gradient = mean_i grad of the whole single-example ELBO (plate scale N), with the
+    # global latent sample shared by all examples; computed here with numpyro's Trace_ELBO.
+    x, y = data()
+    guide = AutoDiagonalNormal(logreg_model)
+    dpsvi = DPSVI(
+        logreg_model, guide, numpyro.optim.SGD(1.0), Trace_ELBO(), 1e8, 0.0, rng_suite=debug
+    )
+    state = dpsvi.init(debug.PRNGKey(5), x, y)
+    params = dpsvi.optim.get_params(state.optim_state)
+    grad, _, _ = sgd_gradient(dpsvi, state, x, y)
+    elbo_key = debug.split(state.rng_key, 3)[1]
+
+    def example_loss(p, xi, yi):
+        return Trace_ELBO().loss(elbo_key, dpsvi.constrain_fn(p), logreg_model, guide, xi, yi)
+
+    per_example = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(
+        params, x[:, None], y[:, None]
+    )
+    expected = jax.tree.map(lambda g: jnp.mean(g, axis=0), per_example)
+    assert tree_max_diff(grad, expected) < 1e-4 * max(1.0, float(full_norm(expected)))
+
+
+def test_optax_optimiser_matches_svi():
+    x, y = data()
+    optim = optax.adam(1e-2)
+    dpsvi = DPSVI(logreg_model, logreg_guide, optim, Trace_ELBO(), 1e8, 0.0, rng_suite=debug)
+    state = dpsvi.init(debug.PRNGKey(1), x, y)
+    svi, svi_state = svi_reference(logreg_model, logreg_guide, optim, dpsvi, state, x, y)
+    for _ in range(2):
+        state, _ = dpsvi.update(state, x, y)
+        svi_state, _ = svi.update(svi_state, x, y)
+    assert tree_max_diff(dpsvi.get_params(state), svi.get_params(svi_state)) < 1e-5
+
+
+# ---------------------------------------------------------------- clipping and masking
+
+
+def point_gradients(x, y, w):
+    """Per-example gradients of -log Bernoulli(y | sigmoid(x w)): (sigmoid(x w) - y) x."""
+    return (jax.nn.sigmoid(x @ w) - y)[:, None] * x
+
+
+def test_clipping_bound_and_scaling():
+    x, y = data()
+    x = x.at[0].multiply(1e6)  # one example with a huge gradient
+    c = 0.5
+    dpsvi = DPSVI(
+        point_model, empty_guide, numpyro.optim.SGD(1.0), Trace_ELBO(), c, 0.0, rng_suite=debug
+    )
+    state = dpsvi.init(debug.PRNGKey(0), x, y)
+    grad, _, _ = sgd_gradient(dpsvi, state, x, y)
+    g = point_gradients(x, y, jnp.full(D, 0.1))
+    norms = jnp.linalg.norm(g, axis=1)
+    clipped = g * jnp.minimum(1.0, c / norms)[:, None]
+    assert float(jnp.max(jnp.linalg.norm(clipped, axis=1))) <= c * (1 + 1e-6)
+    # update = N / B * sum of clipped per-example gradients (clip_unscaled_observations=True)
+    np.testing.assert_allclose(grad["w"], N_TOTAL / B * clipped.sum(0), rtol=1e-5)
+    # the huge example moves the (unnormalised) sum by at most C
+    grad_without, _, _ = sgd_gradient(dpsvi, state, x, y, mask=jnp.arange(B) > 0)
+    moved = (grad["w"] - grad_without["w"]) * B / N_TOTAL
+    assert float(jnp.linalg.norm(moved)) <= c * (1 + 1e-5)
+
+
+def test_clip_scaled_observations():
+    # clip_unscaled_observations=False: the clip applies to N * per-example gradient.
+    x, y = data()
+    c = 3.0
+    dpsvi = DPSVI(
+        point_model,
+        empty_guide,
+        numpyro.optim.SGD(1.0),
+        Trace_ELBO(),
+        c,
+        0.0,
+        rng_suite=debug,
+        clip_unscaled_observations=False,
+    )
+    state = dpsvi.init(debug.PRNGKey(0), x, y)
+    assert float(state.observation_scale) == 1.0
+    grad, _, _ = sgd_gradient(dpsvi, state, x, y)
+    g = N_TOTAL * point_gradients(x, y, jnp.full(D, 0.1))
+    clipped = g * jnp.minimum(1.0, c / jnp.linalg.norm(g, axis=1))[:, None]
+    np.testing.assert_allclose(grad["w"], clipped.sum(0) / B, rtol=1e-5)
+
+
+def test_masked_rows_contribute_nothing_and_nan_rows_are_dropped():
+    x, y = data()
+    pad = 5
+    x_pad = jnp.concatenate([x, jnp.full((pad, D), jnp.nan)])
+    y_pad = jnp.concatenate([y, jnp.full((pad,), 1e30)])
+    mask = jnp.arange(B + pad) < B
+    kw = dict(rng_suite=debug, expected_batch_size=B)
+    dpsvi = DPSVI(point_model, empty_guide, numpyro.optim.SGD(1.0), Trace_ELBO(), 0.5, 0.0, **kw)
+    state = dpsvi.init(debug.PRNGKey(0), x, y)
+    grad, _, _ = sgd_gradient(dpsvi, state, x, y)
+    grad_pad, state_pad, loss_pad = sgd_gradient(dpsvi, state, x_pad, y_pad, mask=mask)
+    np.testing.assert_array_equal(grad_pad["w"], grad["w"])
+    assert int(state_pad.num_nonfinite_grads) == 0  # masked rows are not counted
+    # a NaN row that is NOT masked is dropped (contributes zero) and counted
+    x_nan = x.at[2].set(jnp.nan)
+    keep = jnp.arange(B) != 2
+    grad_nan, state_nan, loss_nan = sgd_gradient(dpsvi, state, x_nan, y)
+    grad_drop, _, _ = sgd_gradient(dpsvi, state, x, y, mask=keep)
+    np.testing.assert_allclose(grad_nan["w"], grad_drop["w"], rtol=1e-6)
+    assert int(state_nan.num_nonfinite_grads) == 1
+    assert bool(jnp.isfinite(loss_nan))
+
+
+def test_all_false_mask_is_a_pure_noise_step():
+    x, y = data()
+    dpsvi = DPSVI(
+        logreg_model,
+        AutoDiagonalNormal(logreg_model),
+        numpyro.optim.Adam(1e-2),
+        Trace_ELBO(),
+        1.0,
+        1.0,
+        rng_suite=debug,
+        expected_batch_size=4.0,
+    )
+    state = dpsvi.init(debug.PRNGKey(0), x, y)
+    state, loss = jax.jit(dpsvi.update)(state, x * jnp.nan, y, mask=jnp.zeros(B, bool))
+    params = dpsvi.get_params(state)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(params))
+    assert bool(jnp.isfinite(loss))
+    assert int(state.num_nonfinite_grads) == 0
+
+
+def test_chunked_equals_unchunked():
+    x, y = data(n=11)
+    guide = AutoDiagonalNormal(logreg_model)
+    results = []
+    for chunk_size in (None, 4):
+        dpsvi = DPSVI(
+            logreg_model,
+            guide,
+            numpyro.optim.Adam(1e-2),
+            Trace_ELBO(),
+            0.3,
+            1.0,
+            rng_suite=debug,
+            chunk_size=chunk_size,
+        )
+        state = dpsvi.init(debug.PRNGKey(2), x, y)
+        state, loss = jax.jit(dpsvi.update)(state, x, y)
+        results.append((dpsvi.get_params(state), loss))
+    assert tree_max_diff(results[0][0], results[1][0]) < 1e-6
+    assert float(results[0][1]) == pytest.approx(float(results[1][1]), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- noise
+
+
+@pytest.mark.parametrize("suite", [debug, d3p.random], ids=["debug", "secure"])
+def test_noise_std_is_data_independent(suite):
+    # Zero data gradients: the parameter change is pure noise with std
+    # dp_scale * C / expected_batch_size * N, whatever the number of valid rows.
+    n_rows, expected, dp_scale, c = 16, 10.0, 0.7, 2.0
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(n_rows, 1)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=n_rows), jnp.float32)
+    dpsvi = DPSVI(
+        noise_only_model,
+        empty_guide,
+        numpyro.optim.SGD(1.0),
+        Trace_ELBO(),
+        c,
+        dp_scale,
+        rng_suite=suite,
+        expected_batch_size=expected,
+    )
+    state = dpsvi.init(suite.PRNGKey(11), x, y)
+    step = jax.jit(lambda s, m: sgd_gradient_pure(dpsvi, s, x, y, m))
+    target = dp_scale * c / expected * N_TOTAL
+    n = 4000  # parameters per step
+    for valid in (0, 3, 16):
+        delta, state = step(state, jnp.arange(n_rows) < valid)
+        std = float(jnp.std(delta))
+        # sample std of n normals has relative std 1/sqrt(2n); allow 5 sigma
+        assert abs(std / target - 1) < 5 / math.sqrt(2 * n), (valid, std, target)
+        assert abs(float(jnp.mean(delta))) < 5 * target / math.sqrt(n)
+
+
+def sgd_gradient_pure(dpsvi, state, x, y, mask):
+    before = dpsvi.optim.get_params(state.optim_state)["w"]
+    state, _ = dpsvi.update(state, x, y, mask=mask)
+    return before - dpsvi.optim.get_params(state.optim_state)["w"], state
+
+
+# ------------------------------------------------------------------------ loops, jit
+
+
+def test_fori_and_while_loops_and_get_params_in_jit():
+    x, y = data()
+    guide = AutoNormal(logreg_model)
+    dpsvi = DPSVI(
+        logreg_model, guide, numpyro.optim.Adam(1e-2), Trace_ELBO(), 1.0, 0.5, rng_suite=debug
+    )
+    state0 = dpsvi.init(debug.PRNGKey(4), x, y)
+    body = lambda i, s: dpsvi.update(s, x, y)[0]  # noqa: E731
+    fori = jax.jit(lambda s: jax.lax.fori_loop(0, 3, body, s))(state0)
+    _, whiled = jax.jit(
+        lambda s: jax.lax.while_loop(
+            lambda c: c[0] < 3, lambda c: (c[0] + 1, body(c[0], c[1])), (0, s)
+        )
+    )(state0)
+    python = state0
+    for i in range(3):
+        python = body(i, python)
+    for other in (whiled, python):
+        assert tree_max_diff(dpsvi.get_params(fori), dpsvi.get_params(other)) < 1e-6
+    jitted = jax.jit(dpsvi.get_params)(fori)
+    assert tree_max_diff(jitted, dpsvi.get_params(fori)) == 0.0
+    loss = jax.jit(dpsvi.evaluate)(fori, x, y)
+    assert bool(jnp.isfinite(loss))
+
+
+# ------------------------------------------------------------------------ local latents
+
+
+def local_model(x, N=N_TOTAL):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 3.0))
+    with numpyro.plate("data", N, subsample_size=x.shape[0]):
+        z = numpyro.sample("z", dist.Normal(mu, 1.0))
+        numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def local_guide(x, N=N_TOTAL):
+    m = numpyro.param("m", 0.5)
+    s = numpyro.param("s", 0.5, constraint=dist.constraints.positive)
+    numpyro.sample("mu", dist.Normal(m, s))
+    a = numpyro.param("a", 0.3)
+    with numpyro.plate("data", N, subsample_size=x.shape[0]):
+        numpyro.sample("z", dist.Normal(a * x, 0.8))
+
+
+def test_local_latents_classified_and_gradient_unbiased():
+    x = jnp.asarray(np.random.default_rng(1).normal(size=6), jnp.float32)
+    layout = classify_sites(
+        local_model, local_guide, {"m": 0.5, "s": 0.5, "a": 0.3}, jax.random.PRNGKey(0), (x,), {}
+    )
+    assert layout.model_local == {"z", "x"} and layout.guide_local == {"z"}
+    assert layout.observation_scale == N_TOTAL
+    # E[DPSVI gradient] = E[SVI gradient] (dp_scale=0, no clipping): compare Monte Carlo
+    # means over many keys; tolerance 5 standard errors of the difference.
+    optim = numpyro.optim.SGD(1.0)
+    dpsvi = DPSVI(local_model, local_guide, optim, Trace_ELBO(), 1e8, 0.0, rng_suite=debug)
+    state = dpsvi.init(debug.PRNGKey(0), x)
+    svi = SVI(local_model, local_guide, optim, Trace_ELBO())
+    svi_state = svi.init(jax.random.PRNGKey(0), x)
+    params = dpsvi.optim.get_params(state.optim_state)
+
+    def dp_grad(key):
+        new, _ = dpsvi.update(state._replace(rng_key=key), x)
+        return jax.tree.map(jnp.subtract, params, dpsvi.optim.get_params(new.optim_state))
+
+    def svi_grad(key):
+        new, _ = svi.update(svi_state._replace(rng_key=key), x)
+        return jax.tree.map(jnp.subtract, params, svi.optim.get_params(new.optim_state))
+
+    keys = jax.random.split(jax.random.PRNGKey(7), 3000)
+    g_dp = jax.jit(jax.vmap(dp_grad))(keys)
+    g_svi = jax.jit(jax.vmap(svi_grad))(keys)
+    for name in g_dp:
+        a, b = g_dp[name], g_svi[name]
+        se = jnp.sqrt(jnp.var(a) / a.shape[0] + jnp.var(b) / b.shape[0])
+        assert abs(float(jnp.mean(a) - jnp.mean(b))) < 5 * float(se), name
+
+
+def test_generic_loss_path_runs():
+    # TraceMeanField_ELBO is not split: the whole per-example loss is clipped (d3p 0.2 path).
+    x, y = data()
+    dpsvi = DPSVI(
+        logreg_model,
+        logreg_guide,
+        numpyro.optim.Adam(1e-2),
+        TraceMeanField_ELBO(),
+        1.0,
+        1.0,
+        rng_suite=debug,
+    )
+    state = dpsvi.init(debug.PRNGKey(0), x, y)
+    state, loss = jax.jit(dpsvi.update)(state, x, y)
+    assert bool(jnp.isfinite(loss))
+    assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(dpsvi.get_params(state)))
+
+
+# ------------------------------------------------------------------- run and budgets
+
+
+def test_run_and_privacy_spent():
+    x, y = data(n=200, seed=3)
+    dpsvi = DPSVI(
+        logreg_model,
+        logreg_guide,
+        numpyro.optim.Adam(1e-2),
+        Trace_ELBO(),
+        1.0,
+        1.1,
+        rng_suite=debug,
+        N=200,
+    )
+    result = dpsvi.run(debug.PRNGKey(0), 30, x, y, q=0.05, progress_bar=False, delta=1e-3)
+    assert result.losses.shape == (30,)
+    assert bool(jnp.all(jnp.isfinite(result.losses)))
+    assert isinstance(result.state, DPSVIState)
+    # truncated Poisson accounting is at least the plain Poisson epsilon, and close to it
+    plain = dpsvi.get_epsilon(1e-3, 0.05, num_iter=30)
+    assert plain <= result.epsilon < plain * 1.01
+    assert result.delta == 1e-3
+
+
+def test_make_private_with_epsilon_and_run():
+    x, y = data(n=200, seed=4)
+    dpsvi = DPSVI.make_private_with_epsilon(
+        logreg_model,
+        logreg_guide,
+        numpyro.optim.Adam(1e-2),
+        Trace_ELBO(),
+        1.0,
+        target_epsilon=2.0,
+        target_delta=1e-3,
+        q=0.05,
+        num_steps=20,
+        rng_suite=debug,
+        N=200,
+    )
+    eps = dputil.compute_epsilon(dpsvi.dp_scale, 1e-3, 0.05, 20)
+    assert 2.0 - 1e-3 - 1e-9 <= eps <= 2.0
+    result = dpsvi.run(debug.PRNGKey(1), 20, x, y, progress_bar=False)
+    assert result.epsilon <= 2.0 and result.delta == 1e-3
+    with pytest.raises(ValueError, match="budget"):
+        dpsvi.run(debug.PRNGKey(1), 21, x, y, progress_bar=False)
+    with pytest.raises(ValueError, match="budget"):
+        dpsvi.run(debug.PRNGKey(1), 10, x, y, q=0.1, progress_bar=False)
+
+
+def test_get_epsilon_and_delta():
+    dpsvi = DPSVI(logreg_model, logreg_guide, numpyro.optim.Adam(1e-2), Trace_ELBO(), 1.0, 1.0)
+    eps = dpsvi.get_epsilon(1e-5, 0.01, num_epochs=2)
+    assert eps == pytest.approx(dputil.compute_epsilon(1.0, 1e-5, 0.01, 200))
+    assert dpsvi.get_delta(eps, 0.01, num_iter=200) == pytest.approx(1e-5, rel=1e-2)
+    with pytest.raises(ValueError, match="exactly one"):
+        dpsvi.get_epsilon(1e-5, 0.01)
+    no_noise = DPSVI(logreg_model, logreg_guide, numpyro.optim.Adam(1e-2), Trace_ELBO(), 1.0, 0)
+    assert no_noise.get_epsilon(1e-5, 0.01, num_iter=10) == math.inf
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def make(model=logreg_model, guide=logreg_guide, c=1.0, dp_scale=1.0, **kw):
+    return DPSVI(
+        model, guide, numpyro.optim.Adam(1e-2), Trace_ELBO(), c, dp_scale, rng_suite=debug, **kw
+    )
+
+
+@pytest.mark.parametrize("c", [0.0, -1.0, math.inf, math.nan])
+def test_bad_clipping_threshold(c):
+    with pytest.raises(ValueError, match="clipping_threshold"):
+        make(c=c)
+
+
+@pytest.mark.parametrize("dp_scale", [-0.1, math.inf, math.nan])
+def test_bad_dp_scale(dp_scale):
+    with pytest.raises(ValueError, match="dp_scale"):
+        make(dp_scale=dp_scale)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="chunk_size"):
+        make(chunk_size=0)
+    with pytest.raises(ValueError, match="expected_batch_size"):
+        make(expected_batch_size=-1.0)
+    with pytest.raises(TypeError, match="rng_suite"):
+        DPSVI(
+            logreg_model,
+            logreg_guide,
+            numpyro.optim.Adam(1e-2),
+            Trace_ELBO(),
+            1.0,
+            1.0,
+            rng_suite=np.random,
+        )
+    with pytest.raises(TypeError, match="per_example_loss"):
+        DPSVI(logreg_model, logreg_guide, numpyro.optim.Adam(1e-2), "elbo", 1.0, 1.0)
+
+
+def test_batch_errors():
+    x, y = data()
+    dpsvi = make()
+    with pytest.raises(ValueError, match="different lengths"):
+        dpsvi.init(debug.PRNGKey(0), x, y[:-1])
+    state = dpsvi.init(debug.PRNGKey(0), x, y)
+    with pytest.raises(ValueError, match="different lengths"):
+        dpsvi.update(state, x[:-1], y)
+    with pytest.raises(ValueError, match="mask"):
+        dpsvi.update(state, x, y, mask=jnp.ones(3, bool))
+    with pytest.raises(ValueError, match="q"):
+        dpsvi.run(debug.PRNGKey(0), 5, x, y, progress_bar=False)
+    with pytest.raises(ValueError, match="num_steps"):
+        dpsvi.run(debug.PRNGKey(0), 0, x, y, q=0.5, progress_bar=False)
+
+
+def test_mask_without_expected_batch_size_warns_once():
+    x, y = data()
+    dpsvi = make(model=point_model, guide=empty_guide)
+    state = dpsvi.init(debug.PRNGKey(0), x, y)
+    with pytest.warns(UserWarning, match="expected_batch_size"):
+        dpsvi.update(state, x, y, mask=jnp.ones(B, bool))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dpsvi.update(state, x, y, mask=jnp.ones(B, bool))
+
+
+def mutable_model(x, y, N=N_TOTAL):
+    numpyro.mutable("count", jnp.zeros(()))
+    point_model(x, y, N)
+
+
+def two_scale_model(x, y, N=N_TOTAL):
+    w = numpyro.param("w", jnp.zeros(x.shape[1]))
+    with numpyro.plate("data", N, subsample_size=x.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(logits=x @ w), obs=y)
+    with numpyro.plate("other", 2 * N, subsample_size=x.shape[0]):
+        numpyro.sample("x0", dist.Normal(0.0, 1.0), obs=x[:, 0])
+
+
+def unplated_model(x, y, N=N_TOTAL):
+    w = numpyro.param("w", jnp.zeros(x.shape[1]))
+    numpyro.sample("y", dist.Bernoulli(logits=x @ w).to_event(1), obs=y)
+
+
+def pooled_model(x, y, N=N_TOTAL):
+    w = numpyro.param("w", jnp.zeros(x.shape[1]))
+    numpyro.sample("ybar", dist.Normal(jnp.mean(x @ w), 1.0), obs=jnp.mean(y))
+
+
+@pytest.mark.parametrize(
+    "model, match",
+    [
+        (mutable_model, "mutable"),
+        (two_scale_model, "different plate scales"),
+        (pooled_model, "do not grow with the batch"),
+    ],
+)
+def test_model_errors(model, match):
+    x, y = data()
+    with pytest.raises(ValueError, match=match):
+        make(model=model, guide=empty_guide).init(debug.PRNGKey(0), x, y)
+
+
+def test_unplated_observations_warn():
+    x, y = data()
+    with pytest.warns(UserWarning, match="prior is over-weighted"):
+        state = make(model=unplated_model, guide=empty_guide).init(debug.PRNGKey(0), x, y)
+    assert float(state.observation_scale) == 1.0
