@@ -45,7 +45,7 @@ def _d3p(data: jax.Array, q: float, suite_name: str):
 
 
 def run(quick: bool) -> list[dict]:
-    """One row per (N, sampler): median seconds per draw and ratio to the baseline."""
+    """One row per (N, sampler): ms per draw (median), ratio to baseline and to smallest N."""
     sizes = (10**4, 10**5) if quick else (10**5, 10**6, 10**7)
     repeats = 3 if quick else 20
     rows = []
@@ -61,6 +61,9 @@ def run(quick: bool) -> list[dict]:
         for suite, (fn, state) in samplers.items():
             t = time_call(lambda fn=fn, state=state: fn(1, state), repeats=repeats)["median_s"]
             rows.append({"N": n, "sampler": suite, "ms": t * 1e3, "vs_baseline": t / base})
+    smallest = {r["sampler"]: r["ms"] for r in rows if r["N"] == sizes[0]}
+    for r in rows:
+        r["vs_smallest_N"] = r["ms"] / smallest[r["sampler"]]
     return rows
 
 

@@ -25,11 +25,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from numpyro.handlers import replay, seed
+from numpyro.handlers import replay, seed, substitute, trace
 from numpyro.infer.util import compute_log_probs
 from numpyro.primitives import Messenger
 
-__all__ = ["SiteLayout", "classify_sites", "elbo_terms", "first_examples", "zero_examples"]
+__all__ = ["SiteLayout", "classify_sites", "elbo_terms", "global_latents", "zero_examples"]
 
 
 class SiteLayout(NamedTuple):
@@ -44,11 +44,15 @@ class SiteLayout(NamedTuple):
     observation_scale : float
         The scale (plate weight) of the observed sites when the batch holds one example,
         i.e. the data-set size for a correctly plated model; 1.0 when not scaled.
+    global_latents : frozenset of str
+        Global latent sites of the model that the guide samples: the data terms depend on
+        the guide's global parameters only through their values.
     """
 
     model_local: frozenset
     guide_local: frozenset
     observation_scale: float
+    global_latents: frozenset
 
 
 class _FoldInExampleIndex(Messenger):
@@ -72,11 +76,6 @@ class _FoldInExampleIndex(Messenger):
             msg["kwargs"]["rng_key"] = jax.random.fold_in(key, self.index)
 
 
-def first_examples(args: Sequence[Any], n: int) -> tuple:
-    """The first example of every batch argument, repeated ``n`` times (``None`` kept)."""
-    return tuple(None if a is None else jnp.repeat(a[:1], n, axis=0) for a in args)
-
-
 def zero_examples(args: Sequence[Any], n: int = 1) -> tuple:
     """A batch of ``n`` all-zero examples shaped like ``args`` (data-free stand-in)."""
     return tuple(None if a is None else jnp.zeros((n, *a.shape[1:]), a.dtype) for a in args)
@@ -91,15 +90,20 @@ def _run_traces(
     kwargs: dict,
     layout: SiteLayout | None,
     index: jax.Array | int,
+    global_values: dict | None = None,
 ) -> tuple[dict, Any, dict, Any]:
     """Trace guide then model (replayed) like numpyro's ``Trace_ELBO`` with one particle.
 
-    Returns the per-site scaled log-densities and the traces of the model and the guide.
+    ``global_values`` replace the guide's samples at those sites (after ``seed`` drew its
+    keys, so the keys of all other sites are unchanged). Returns the per-site scaled
+    log-densities and the traces of the model and the guide.
     """
     model_seed, guide_seed = jax.random.split(rng_key)
     guide_fn = seed(guide, guide_seed)
     if layout is not None:
         guide_fn = _FoldInExampleIndex(guide_fn, layout.guide_local, index)
+    if global_values is not None:
+        guide_fn = substitute(guide_fn, data=global_values)
     guide_lp, guide_trace = compute_log_probs(guide_fn, args, kwargs, params)
     model_fn = replay(seed(model, model_seed), guide_trace)
     if layout is not None:
@@ -117,6 +121,7 @@ def elbo_terms(
     kwargs: dict,
     layout: SiteLayout,
     index: jax.Array | int,
+    global_values: dict | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The per-example and the global part of a single-particle ELBO estimate.
 
@@ -131,6 +136,9 @@ def elbo_terms(
         Batch arguments holding exactly one example each (leading dimension 1).
     index : int or jax.Array
         Position of the example in the batch, folded into the keys of local latents.
+    global_values : dict, optional
+        Values for the global latents (see :func:`global_latents`) instead of the guide's
+        own samples; gradients then flow to these values, not to the guide's parameters.
 
     Returns
     -------
@@ -139,7 +147,7 @@ def elbo_terms(
         ``log p(z_g) - log q(z_g)``.
     """
     model_lp, _, guide_lp, _ = _run_traces(
-        model, guide, params, rng_key, args, kwargs, layout, index
+        model, guide, params, rng_key, args, kwargs, layout, index, global_values
     )
     zero = jnp.zeros(())
     data_term = zero + sum(v for k, v in model_lp.items() if k in layout.model_local)
@@ -149,12 +157,84 @@ def elbo_terms(
     return data_term, global_term
 
 
-def _sample_sites(tr: dict) -> dict:
-    return {name: site for name, site in tr.items() if site["type"] == "sample"}
+def global_latents(
+    guide: Callable,
+    params: dict,
+    rng_key: jax.Array,
+    args: tuple,
+    kwargs: dict,
+    layout: SiteLayout,
+) -> dict:
+    """The guide's sample of the global latents for particle key ``rng_key``.
+
+    Drawn exactly as in :func:`elbo_terms` with the same key (reparameterised: a
+    differentiable function of ``params``). Pass data-free ``args`` (:func:`zero_examples`).
+    """
+    _, guide_seed = jax.random.split(rng_key)
+    guide_fn = substitute(seed(guide, guide_seed), data=params)
+    guide_trace = trace(guide_fn).get_trace(*args, **kwargs)
+    return {name: guide_trace[name]["value"] for name in layout.global_latents}
 
 
-def _check_no_mutable(tr: dict, which: str) -> None:
-    mutable = [name for name, site in tr.items() if site["type"] == "mutable"]
+class _Site(NamedTuple):
+    """What classification needs to know about one trace site (static, no arrays)."""
+
+    type: str
+    shape: tuple
+    is_observed: bool
+    scale: Any
+    in_plate: bool
+
+
+def _summarise(tr: dict) -> dict[str, _Site]:
+    return {
+        name: _Site(
+            site["type"],
+            jnp.shape(site["value"]),
+            bool(site.get("is_observed", False)),
+            site.get("scale"),
+            bool(site.get("cond_indep_stack")),
+        )
+        for name, site in tr.items()
+    }
+
+
+def _trace_summaries(
+    model: Callable,
+    guide: Callable,
+    params: dict,
+    rng_key: jax.Array,
+    args: tuple,
+    kwargs: dict,
+    batch_size: int,
+) -> tuple[dict, dict]:
+    """Summaries of the model and guide traces for a batch of ``batch_size`` examples.
+
+    Traced abstractly (``jax.eval_shape``): nothing is computed.
+    """
+    out = {}
+
+    def run(params, rng_key, batch):
+        _, model_trace, _, guide_trace = _run_traces(
+            model, guide, params, rng_key, batch, kwargs, None, 0
+        )
+        out["model"], out["guide"] = _summarise(model_trace), _summarise(guide_trace)
+        return 0
+
+    batch = tuple(
+        None if a is None else jax.ShapeDtypeStruct((batch_size, *a.shape[1:]), a.dtype)
+        for a in args
+    )
+    jax.eval_shape(run, params, rng_key, batch)
+    return out["model"], out["guide"]
+
+
+def _sample_sites(summary: dict) -> dict:
+    return {name: site for name, site in summary.items() if site.type == "sample"}
+
+
+def _check_no_mutable(summary: dict, which: str) -> None:
+    mutable = [name for name, site in summary.items() if site.type == "mutable"]
     if mutable:
         raise ValueError(
             f"DPSVI does not support {which}s with mutable state (numpyro.mutable sites "
@@ -162,14 +242,14 @@ def _check_no_mutable(tr: dict, which: str) -> None:
         )
 
 
-def _local_sites(tr1: dict, tr2: dict, which: str) -> frozenset:
-    s1, s2 = _sample_sites(tr1), _sample_sites(tr2)
+def _local_sites(summary1: dict, summary2: dict, which: str) -> frozenset:
+    s1, s2 = _sample_sites(summary1), _sample_sites(summary2)
     if set(s1) != set(s2):
         raise ValueError(
             f"The {which}'s sample sites change with the batch size "
             f"({sorted(set(s1) ^ set(s2))}); DPSVI needs the same sites for every batch."
         )
-    return frozenset(n for n in s1 if jnp.shape(s1[n]["value"]) != jnp.shape(s2[n]["value"]))
+    return frozenset(n for n in s1 if s1[n].shape != s2[n].shape)
 
 
 def _as_static_float(scale: Any, name: str) -> float:
@@ -184,8 +264,8 @@ def _as_static_float(scale: Any, name: str) -> float:
         ) from None
 
 
-def _observation_scale(model_trace1: dict, model_local: frozenset) -> float:
-    observed = {n: s for n, s in _sample_sites(model_trace1).items() if s["is_observed"]}
+def _observation_scale(model_summary: dict, model_local: frozenset) -> float:
+    observed = {n: s for n, s in _sample_sites(model_summary).items() if s.is_observed}
     if not observed:
         raise ValueError("The model has no observed sample site; there is no data to protect.")
     global_obs = sorted(n for n in observed if n not in model_local)
@@ -196,7 +276,7 @@ def _observation_scale(model_trace1: dict, model_local: frozenset) -> float:
             "Put every observation in a plate over the batch "
             "(numpyro.plate('data', N, subsample_size=batch_size))."
         )
-    unplated = sorted(n for n, s in observed.items() if not s["cond_indep_stack"])
+    unplated = sorted(n for n, s in observed.items() if not s.in_plate)
     if unplated:
         warnings.warn(
             f"Observed sites {unplated} are not inside a numpyro.plate: the likelihood of a "
@@ -205,7 +285,7 @@ def _observation_scale(model_trace1: dict, model_local: frozenset) -> float:
             UserWarning,
             stacklevel=4,
         )
-    scales = {n: _as_static_float(s["scale"], n) for n, s in observed.items()}
+    scales = {n: _as_static_float(s.scale, n) for n, s in observed.items()}
     if len(set(scales.values())) > 1:
         raise ValueError(
             f"Observed sites have different plate scales {scales}; DPSVI needs one scale "
@@ -229,9 +309,10 @@ def classify_sites(
     params : dict
         Constrained parameter values (as after ``init``).
     rng_key : jax.Array
-        Raw JAX key used for the two tracing runs.
+        Raw JAX key used for the two (abstract) tracing runs.
     args : tuple
-        A batch (leading dimension >= 1) of the positional data arguments.
+        A batch (leading dimension >= 1) of the positional data arguments; only shapes
+        and dtypes are used.
     kwargs : dict
         Keyword arguments of model and guide (not per-example).
 
@@ -245,13 +326,16 @@ def classify_sites(
         Mutable state, no observed site, observed sites outside the data plate or with
         different scales, or sites that appear only for some batch sizes.
     """
-    traces = [
-        _run_traces(model, guide, params, rng_key, first_examples(args, n), kwargs, None, 0)
-        for n in (1, 2)
-    ]
-    (_, model1, _, guide1), (_, model2, _, guide2) = traces
+    model1, guide1 = _trace_summaries(model, guide, params, rng_key, args, kwargs, 1)
+    model2, guide2 = _trace_summaries(model, guide, params, rng_key, args, kwargs, 2)
     _check_no_mutable(model1, "model")
     _check_no_mutable(guide1, "guide")
     model_local = _local_sites(model1, model2, "model")
     guide_local = _local_sites(guide1, guide2, "guide")
-    return SiteLayout(model_local, guide_local, _observation_scale(model1, model_local))
+    global_latents = frozenset(
+        name
+        for name, site in _sample_sites(model1).items()
+        if not site.is_observed and name not in model_local and name in _sample_sites(guide1)
+    )
+    scale = _observation_scale(model1, model_local)
+    return SiteLayout(model_local, guide_local, scale, global_latents)

@@ -68,6 +68,7 @@ __all__ = [
     "q_to_batch_size",
     "sample_without_replacement",
     "split_batchify_data",
+    "structural_batch_size",
     "subsample_batchify_data",
 ]
 
@@ -316,6 +317,18 @@ def _check_max_batch_size(max_batch_size: Any, n: int, q: float) -> int:
     return _check_count(max_batch_size, "max_batch_size", 1)
 
 
+def structural_batch_size(N: int, q: float, max_batch_size: int | float) -> int:
+    """Rows per batch of :func:`poisson_batchify_data` for ``N`` records and rate ``q``.
+
+    ``max_batch_size`` is an int >= 1 (returned as is) or a quantile level in (0, 1) of
+    the Binomial(N, q) batch size. This is the ``max_batch_size`` that privacy accounting
+    of truncated Poisson sampling needs (``sampling="truncated_poisson"`` in
+    :func:`d3p.dputil.compute_epsilon`).
+    """
+    n = _check_count(N, "N", 1)
+    return _check_max_batch_size(max_batch_size, n, _check_q(q))
+
+
 def _size_thresholds(n: int, q: float, max_batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """High and low uint32 words of ``floor(P(B <= k) * 2**64)`` for the batch-size draw.
 
@@ -367,8 +380,15 @@ def poisson_batchify_data(
     handle_oversized_batch : {"truncate", "suppress"}
         What to do when more than ``max_batch_size`` records are drawn:
         ``"truncate"`` keeps ``max_batch_size`` of them chosen uniformly at random
-        (account with a truncated-subsampling event); ``"suppress"`` returns an
-        empty batch (all-False mask).
+        (account with ``sampling="truncated_poisson"`` in :mod:`d3p.dputil`,
+        as :meth:`d3p.svi.DPSVI.run` does); ``"suppress"`` returns an empty batch
+        (all-False mask). Suppression is not plain Poisson sampling: adding one record
+        can turn a full batch into an empty one, so no dp-accounting event describes
+        it and d3p has no accountant for it. Each step differs from untruncated
+        Poisson sampling with probability at most ``p = P(Binomial(N, q) > max_batch_size)``,
+        so an (epsilon, delta) guarantee of the untruncated run becomes
+        (epsilon, delta + (1 + exp(epsilon)) * num_steps * p): use it only with a quantile
+        so high that this term is negligible, and add it to delta yourself.
     rng_suite : module
         :mod:`d3p.random` (secure, default) or :mod:`d3p.random.debug` (not secure).
 

@@ -38,23 +38,15 @@ __all__ = ["ADADP", "ADADPOptaxState", "ADADPState", "adadp", "optax_adadp"]
 
 
 class ADADPState(NamedTuple):
-    """State of :func:`adadp`, in the d3p 0.2 layout ``(x, lr, x_stepped, x_prev)``.
+    """State of :func:`adadp`, in the d3p 0.2 layout ``(x, lr, x_stepped, x_prev)``."""
 
-    Attributes
-    ----------
-    x
-        Current parameters (pytree).
-    lr
-        Current learning rate (scalar array).
-    x_stepped
-        Result of the last full step (zeros before the first step).
-    x_prev
-        Parameters before the last even step (the point a rejected pair returns to).
-    """
-
+    #: Current parameters (pytree).
     x: Any
+    #: Current learning rate (scalar array).
     lr: jax.Array
+    #: Result of the last full step (zeros before the first step).
     x_stepped: Any
+    #: Parameters before the last even step (the point a rejected pair returns to).
     x_prev: Any
 
 
@@ -195,6 +187,7 @@ class ADADP(_NumPyroOptim):
 class ADADPOptaxState(NamedTuple):
     """State of :func:`optax_adadp`: step ``count`` and ADADP's other state fields."""
 
+    #: Number of updates done so far (even: a full step is next).
     count: jax.Array
     lr: jax.Array
     x_stepped: Any

@@ -14,7 +14,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # ``import d3p.random.debug`` warns (by design) that the module is not for production
 # use. The API reference imports it on purpose, so that warning is expected here.
-warnings.filterwarnings("ignore", category=UserWarning, module=r"d3p\.random\.debug")
 warnings.filterwarnings("ignore", category=UserWarning, message=r".*d3p\.random\.debug.*")
 
 from d3p.version import VERSION  # noqa: E402
@@ -47,6 +46,8 @@ autodoc_member_order = "bysource"
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_use_rtype = False
+# Render "Attributes" sections as fields, so that NamedTuple fields are not described twice.
+napoleon_use_ivar = True
 
 html_theme = "alabaster"
 html_static_path = ["_static"]

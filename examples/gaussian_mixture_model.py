@@ -24,7 +24,6 @@ import argparse
 import itertools
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -35,7 +34,6 @@ from numpyro.infer.initialization import init_to_value
 from numpyro.optim import Adam
 
 import d3p.random
-from d3p.dputil import approximate_sigma_remove_relation
 from d3p.gmm import GaussianMixture
 from d3p.svi import DPSVI
 
@@ -81,20 +79,31 @@ def match_components(locs: np.ndarray) -> tuple[int, ...]:
 
 
 def fit_dp(
-    x: np.ndarray, epsilon: float, delta: float, num_steps: int, q: float, seed: int,
+    x: np.ndarray,
+    epsilon: float,
+    delta: float,
+    num_steps: int,
+    q: float,
+    seed: int,
     progress_bar: bool,
 ) -> dict:
     """Fit the mixture with DPSVI; return the recovered components (posterior medians)."""
-    sigma, _, _ = approximate_sigma_remove_relation(epsilon, delta, q, num_steps)
     guide = AutoDiagonalNormal(model, init_loc_fn=init_to_value(values=initial_values()))
-    dpsvi = DPSVI(
-        model, guide, Adam(2e-2), Trace_ELBO(), clipping_threshold=3.0, dp_scale=sigma,
+    # Budget first: the noise scale is calibrated so that num_steps Poisson(q) steps spend at
+    # most (epsilon, delta), add/remove relation; run() then uses exactly that plan.
+    dpsvi = DPSVI.make_private_with_epsilon(
+        model,
+        guide,
+        Adam(2e-2),
+        Trace_ELBO(),
+        clipping_threshold=3.0,
+        target_epsilon=epsilon,
+        target_delta=delta,
+        q=q,
+        num_steps=num_steps,
         num_obs_total=len(x),
     )
-    result = dpsvi.run(
-        d3p.random.PRNGKey(seed), num_steps, x, q=q, delta=delta,
-        progress_bar=progress_bar,
-    )
+    result = dpsvi.run(d3p.random.PRNGKey(seed), num_steps, x, progress_bar=progress_bar)
     median = guide.median(result.params)
     perm = list(match_components(np.asarray(median["locs"])))
     return {
@@ -102,7 +111,7 @@ def fit_dp(
         "scales": np.asarray(median["scales"])[perm],
         "weights": np.asarray(median["weights"])[perm],
         "epsilon_spent": float(result.epsilon),
-        "sigma": float(sigma),
+        "sigma": dpsvi.dp_scale,
     }
 
 
@@ -122,12 +131,27 @@ def plot(path: str, x: np.ndarray, fit: dict, epsilon: float) -> None:
             (TRUE_LOCS, TRUE_SCALES, dict(ec="k", ls="--"), "true component"),
             (fit["locs"], fit["scales"], dict(ec=f"C{j}", ls="-"), f"DP-VI component {j + 1}"),
         ):
-            ax.add_patch(Ellipse(
-                locs[j], 4 * scales[j][0], 4 * scales[j][1], fill=False, lw=2,
-                label=label if (j == 0 or label != "true component") else None, **style,
-            ))
-        ax.annotate(f"w={fit['weights'][j]:.2f} (true {TRUE_WEIGHTS[j]:.2f})",
-                    fit["locs"][j], textcoords="offset points", xytext=(8, 8))
+            ax.add_patch(
+                Ellipse(
+                    locs[j],
+                    4 * scales[j][0],
+                    4 * scales[j][1],
+                    fill=False,
+                    lw=2,
+                    label=label if (j == 0 or label != "true component") else None,
+                    **style,
+                )
+            )
+        top = (fit["locs"][j][0], fit["locs"][j][1] + 2 * fit["scales"][j][1])
+        ax.annotate(
+            f"weight {fit['weights'][j]:.2f} (true {TRUE_WEIGHTS[j]:.2f})",
+            top,
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize="small",
+            bbox=dict(boxstyle="round", fc="white", alpha=0.8),
+        )
     ax.set_xlabel("$x_1$")
     ax.set_ylabel("$x_2$")
     ax.set_aspect("equal")
@@ -164,12 +188,16 @@ def main(argv: list[str] | None = None) -> dict:
     fit = fit_dp(x, args.epsilon, args.delta, num_steps, q, args.seed, not args.smoke)
     print(f"N = {len(x)}, {num_steps} steps, q = {q}, sigma = {fit['sigma']:.3f}")
     print(f"privacy spent: epsilon = {fit['epsilon_spent']:.3f} at delta = {args.delta:g}")
-    print("component   weight (true)   location (true)            scales (true)")
+    print("component  weight (true)   location (true)              scales (true)")
+
+    def pair(v: np.ndarray) -> str:
+        return f"({v[0]:5.2f}, {v[1]:5.2f})"
+
     for j in range(K):
         print(
-            f"{j + 1:9d}   {fit['weights'][j]:.2f} ({TRUE_WEIGHTS[j]:.2f})     "
-            f"{np.array2string(fit['locs'][j], precision=2)} ({TRUE_LOCS[j]})   "
-            f"{np.array2string(fit['scales'][j], precision=2)} ({TRUE_SCALES[j]})"
+            f"{j + 1:9d}  {fit['weights'][j]:.2f} ({TRUE_WEIGHTS[j]:.2f})     "
+            f"{pair(fit['locs'][j])} {pair(TRUE_LOCS[j])}   "
+            f"{pair(fit['scales'][j])} {pair(TRUE_SCALES[j])}"
         )
     loc_error = float(np.max(np.linalg.norm(fit["locs"] - TRUE_LOCS, axis=1)))
     print(f"largest distance of a recovered location from the truth: {loc_error:.3f}")

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -29,7 +32,6 @@ from numpyro.infer.autoguide import AutoNormal
 from numpyro.optim import Adam
 
 import d3p.random
-from d3p.dputil import approximate_sigma_remove_relation
 from d3p.svi import DPSVI
 
 PRIOR_STD = 10.0  # tau
@@ -52,26 +54,49 @@ def exact_posterior(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.full_like(mean, precision**-0.5)
 
 
+class Settings(NamedTuple):
+    num_steps: int
+    q: float  # Poisson sampling probability of each record per step
+    clipping_threshold: float  # C: L2 bound on one record's gradient contribution
+    learning_rate: tuple[float, float]  # Adam step size, decayed geometrically: first, last
+
+
+DEFAULT = Settings(num_steps=1000, q=0.2, clipping_threshold=1.0, learning_rate=(0.1, 5e-3))
+SMOKE = Settings(num_steps=300, q=0.2, clipping_threshold=1.0, learning_rate=(0.1, 5e-3))
+
+
+def step_size_schedule(settings: Settings) -> Callable[[jax.Array], jax.Array]:
+    """Geometric decay of Adam's step size: large steps first, small steps to settle."""
+    first, last = settings.learning_rate
+    return lambda i: first * (last / first) ** (i / settings.num_steps)
+
+
 def fit_dp(
-    x: np.ndarray, epsilon: float, delta: float, num_steps: int, q: float, seed: int,
-    progress_bar: bool,
+    x: np.ndarray, settings: Settings, epsilon: float, delta: float, seed: int, progress_bar: bool
 ) -> dict:
     """Fit the mean-field Gaussian guide with DPSVI; return its mean, std and the privacy spent."""
-    sigma, _, _ = approximate_sigma_remove_relation(epsilon, delta, q, num_steps)
     guide = AutoNormal(model)
-    dpsvi = DPSVI(
-        model, guide, Adam(1e-2), Trace_ELBO(), clipping_threshold=2.0, dp_scale=sigma,
+    # Budget first: dp_scale is calibrated so that the run spends at most (epsilon, delta).
+    dpsvi = DPSVI.make_private_with_epsilon(
+        model,
+        guide,
+        # b2=0.9: a short memory of gradient magnitudes, so that the large gradients of the
+        # first steps do not freeze the guide's scales later on
+        Adam(step_size_schedule(settings), b2=0.9),
+        Trace_ELBO(),
+        clipping_threshold=settings.clipping_threshold,
+        target_epsilon=epsilon,
+        target_delta=delta,
+        q=settings.q,
+        num_steps=settings.num_steps,
         num_obs_total=len(x),
     )
-    result = dpsvi.run(
-        d3p.random.PRNGKey(seed), num_steps, x, q=q, delta=delta,
-        progress_bar=progress_bar,
-    )
+    result = dpsvi.run(d3p.random.PRNGKey(seed), settings.num_steps, x, progress_bar=progress_bar)
     return {
         "mean": np.asarray(result.params["mu_auto_loc"]),
         "std": np.asarray(result.params["mu_auto_scale"]),
         "epsilon_spent": float(result.epsilon),
-        "sigma": float(sigma),
+        "sigma": dpsvi.dp_scale,
     }
 
 
@@ -92,8 +117,12 @@ def plot(path: str, exact: tuple[np.ndarray, np.ndarray], dp: dict, epsilon: flo
         hi = max(m + 5 * s, dp["mean"][j] + 4 * dp["std"][j])
         grid = np.linspace(lo, hi, 400)
         ax.plot(grid, pdf(grid, m, s), "k-", label="exact posterior")
-        ax.plot(grid, pdf(grid, dp["mean"][j], dp["std"][j]), "C1--",
-                label=rf"DP-VI, $\varepsilon$ = {epsilon:g}")
+        ax.plot(
+            grid,
+            pdf(grid, dp["mean"][j], dp["std"][j]),
+            "C1--",
+            label=rf"DP-VI, $\varepsilon$ = {epsilon:g}",
+        )
         ax.axvline(TRUE_MEAN[j], color="C2", linestyle=":", label="true value")
         ax.set_xlabel(rf"$\mu_{j + 1}$")
         ax.set_ylabel("posterior density")
@@ -126,12 +155,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
     rng = np.random.default_rng(args.seed)
-    x = (TRUE_MEAN + OBS_STD * rng.normal(size=(args.num_records, len(TRUE_MEAN))))
+    x = TRUE_MEAN + OBS_STD * rng.normal(size=(args.num_records, len(TRUE_MEAN)))
     x = x.astype(np.float32)
-    num_steps, q = (500, 0.05) if args.smoke else (3000, 0.01)
+    settings = SMOKE if args.smoke else DEFAULT
     exact = exact_posterior(x.astype(np.float64))
-    dp = fit_dp(x, args.epsilon, args.delta, num_steps, q, args.seed, not args.smoke)
-    print(f"N = {len(x)}, {num_steps} steps, q = {q}, sigma = {dp['sigma']:.3f}")
+    dp = fit_dp(x, settings, args.epsilon, args.delta, args.seed, not args.smoke)
+    print(
+        f"N = {len(x)}, {settings.num_steps} steps, q = {settings.q}, "
+        f"C = {settings.clipping_threshold}, sigma = {dp['sigma']:.3f}"
+    )
     print(f"privacy spent: epsilon = {dp['epsilon_spent']:.3f} at delta = {args.delta:g}")
     print(f"{'':10s}{'exact mean':>12s}{'DP mean':>12s}{'exact std':>12s}{'DP std':>12s}")
     for j in range(len(TRUE_MEAN)):

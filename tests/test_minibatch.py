@@ -164,6 +164,8 @@ def test_poisson_quantile_max_batch_size(suite):
         _, get_batch = mb.poisson_batchify_data((jnp.zeros((n, 2)),), q, level, rng_suite=suite)
         _, mask = jax.eval_shape(get_batch, 0, suite.PRNGKey(0))
         assert mask.shape == (int(stats.binom.ppf(level, n, q)),)
+        assert mb.structural_batch_size(n, q, level) == mask.shape[0]
+    assert mb.structural_batch_size(n, q, 7) == 7
 
 
 def test_contract_jit_init_and_fori_loop(suite, x64):
@@ -288,6 +290,9 @@ _X = (np.zeros((10, 2)),)
         (lambda: mb.poisson_batchify_data(_X, 0.1, 0), "max_batch_size"),
         (lambda: mb.poisson_batchify_data(_X, 0.1, 1.0), "max_batch_size"),
         (lambda: mb.poisson_batchify_data(_X, 0.1, 2, "drop"), "handle_oversized_batch"),
+        (lambda: mb.structural_batch_size(0, 0.1, 2), "N"),
+        (lambda: mb.structural_batch_size(10, 0.0, 2), "q"),
+        (lambda: mb.structural_batch_size(10, 0.1, 1.5), "max_batch_size"),
         (lambda: mb.subsample_batchify_data(_X), "batch_size"),
         (lambda: mb.subsample_batchify_data(_X, batch_size=2, q=0.2), "batch_size"),
         (lambda: mb.subsample_batchify_data(_X, batch_size=11), "batch_size"),

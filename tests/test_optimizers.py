@@ -13,6 +13,7 @@ import optax
 import pytest
 from numpyro.infer import SVI, Trace_ELBO
 
+import d3p.random
 from d3p.optimizers import ADADP, ADADPState, adadp, optax_adadp
 
 
@@ -156,3 +157,27 @@ def test_bad_hyperparameter_types():
         adadp(step_size="0.1")
     with pytest.raises(TypeError, match="stability_check"):
         adadp(stability_check=1)
+
+
+def test_usable_with_dpsvi():
+    from d3p.svi import DPSVI
+
+    def model(x, N=1):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+        with numpyro.plate("data", N, subsample_size=x.shape[0]):
+            numpyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    def guide(x, N=1):
+        loc = numpyro.param("loc", 0.0)
+        numpyro.sample("mu", dist.Normal(loc, 0.1))
+
+    x = jnp.linspace(1.0, 3.0, 8)
+    dpsvi = DPSVI(model, guide, ADADP(step_size=0.01), Trace_ELBO(), 10.0, 1.0, N=8)
+    state = dpsvi.init(d3p.random.PRNGKey(0), x)
+    for _ in range(2):
+        state, _ = dpsvi.update(state, x)
+    i, adadp_state = state.optim_state
+    assert int(i) == 2 and isinstance(adadp_state, ADADPState)
+    # after one even/odd pair the learning rate was adapted by a factor in [0.9, 1.1]
+    lr = float(adadp_state.lr)
+    assert lr != 0.01 and 0.009 - 1e-9 <= lr <= 0.011 + 1e-9

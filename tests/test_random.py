@@ -23,7 +23,7 @@ with warnings.catch_warnings():
 REFERENCE = json.loads((DATA_DIR / "chacha_reference.json").read_text())
 CASES = REFERENCE["cases"]
 SUITES = [dr, dbg]
-N_STAT = 200_000
+N_STAT = 100_000
 
 
 def _seed(case):
@@ -45,6 +45,15 @@ def _assert_bits_equal(actual, entry):
     np.testing.assert_array_equal(np.asarray(actual), expected)
 
 
+def _assert_normal_equal(actual, entry):
+    """Normals: bit-exact on CPU (where the reference was made); elsewhere erf_inv is
+    a different polynomial evaluation (seen on an H100: 1 ulp), so allow 2 ulp."""
+    if jax.default_backend() == "cpu":
+        _assert_bits_equal(actual, entry)
+    else:
+        np.testing.assert_array_max_ulp(np.asarray(actual), _expected(entry), maxulp=2)
+
+
 def _check_common_vectors(case):
     """The vectors that must match in both x64 modes."""
     key = dr.PRNGKey(_seed(case))
@@ -59,7 +68,7 @@ def _check_common_vectors(case):
     _assert_bits_equal(dr.fold_in(key, 7), case["fold_in_7"])
     _assert_bits_equal(dr.fold_in(key, 123456), case["fold_in_123456"])
     _assert_bits_equal(dr.uniform(key, (9,), jnp.float32), case["uniform_f32_(9,)"])
-    _assert_bits_equal(dr.normal(key, (9,), jnp.float32), case["normal_float32_(9,)"])
+    _assert_normal_equal(dr.normal(key, (9,), jnp.float32), case["normal_float32_(9,)"])
     return key
 
 
@@ -73,7 +82,7 @@ def test_reference_vectors_x64(case):
             dr.uniform(key, (5,), jnp.float32, -3.0, 2.0), case["uniform_f32_(5,)_[-3,2)"]
         )
         _assert_bits_equal(dr.uniform(key, (9,), jnp.float64), case["uniform_f64_(9,)"])
-        _assert_bits_equal(dr.normal(key, (9,), jnp.float64), case["normal_float64_(9,)"])
+        _assert_normal_equal(dr.normal(key, (9,), jnp.float64), case["normal_float64_(9,)"])
 
 
 def test_reference_vectors_x32():
@@ -89,7 +98,8 @@ def test_reference_vectors_x32():
 
 
 def test_rfc8439_block_function():
-    # RFC 8439, section 2.3.2: key 00:01:..:1f, counter 1, nonce 00:00:00:09:00:00:00:4a:00:00:00:00.
+    # RFC 8439, section 2.3.2: key 00:01:..:1f, counter 1,
+    # nonce 00:00:00:09:00:00:00:4a:00:00:00:00.
     key_words = np.frombuffer(bytes(range(32)), dtype="<u4")
     nonce = np.frombuffer(bytes.fromhex("000000090000004a00000000"), dtype="<u4")
     state = np.concatenate([chacha.CONSTANTS, key_words, [1], nonce]).astype(np.uint32)
@@ -114,7 +124,7 @@ def test_prngkey_seeds():
     assert dr.PRNGKey(2**256 + 5).tolist() == dr.PRNGKey(5).tolist()
     assert dr.PRNGKey(-1).tolist() == dr.PRNGKey(2**256 - 1).tolist()
     assert dr.PRNGKey(np.int64(42)).tolist() == dr.PRNGKey(42).tolist()
-    assert dr.PRNGKey(b"\x01").tolist() == dr.PRNGKey(bytes(32)[:0] + b"\x01" + bytes(31)).tolist()
+    assert dr.PRNGKey(b"\x01").tolist() == dr.PRNGKey(b"\x01" + bytes(31)).tolist()
     a, b = dr.PRNGKey(), dr.PRNGKey()
     assert a.dtype == jnp.uint32 and a.shape == (4, 4)
     assert not np.array_equal(a[1:3], b[1:3])  # fresh OS entropy: 2**-256 chance to fail
@@ -267,6 +277,8 @@ def test_typed_key():
     typed = dr.to_jax_typed_key(key)
     np.testing.assert_array_equal(jax.random.uniform(typed, (9,)), dr.uniform(key, (9,)))
     np.testing.assert_array_equal(jax.random.key_data(jax.random.split(typed, 3)), dr.split(key, 3))
-    np.testing.assert_array_equal(jax.random.key_data(jax.random.fold_in(typed, 7)), dr.fold_in(key, 7))
+    np.testing.assert_array_equal(
+        jax.random.key_data(jax.random.fold_in(typed, 7)), dr.fold_in(key, 7)
+    )
     seeded = jax.random.key(42, impl=dr.chacha20_impl)
     np.testing.assert_array_equal(jax.random.key_data(seeded), key)

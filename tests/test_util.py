@@ -101,22 +101,21 @@ def test_unvectorize_shape_plain_and_under_vmap():
         util.unvectorize_shape(jnp.ones((2, 2)), 1)
 
 
-@pytest.mark.parametrize("axis", [0, 1, -1])
-def test_sample_from_array(axis):
+@pytest.mark.parametrize("axis, jit", [(0, False), (-1, True)])
+def test_sample_from_array(axis, jit):
     x = jnp.arange(30).reshape(5, 6)
     key = d3p.random.PRNGKey(3)
     n = 4
-    out = util.sample_from_array(key, x, n, axis)
+    f = jax.jit(util.sample_from_array, static_argnums=(2, 3)) if jit else util.sample_from_array
+    out = f(key, x, n, axis)
     size = x.shape[axis]
     expected_shape = list(x.shape)
     expected_shape[axis] = n
     assert out.shape == tuple(expected_shape)
     # exactly the slices picked by sample_without_replacement with the same key
-    idx = sample_without_replacement(key, n, size)
-    np.testing.assert_array_equal(out, np.take(np.asarray(x), np.asarray(idx), axis=axis))
-    assert len(set(np.asarray(idx).tolist())) == n
-    jitted = jax.jit(util.sample_from_array, static_argnums=(2, 3))
-    np.testing.assert_array_equal(jitted(key, x, n, axis), out)
+    idx = np.asarray(sample_without_replacement(key, n, size))
+    np.testing.assert_array_equal(out, np.take(np.asarray(x), idx, axis=axis))
+    assert len(set(idx.tolist())) == n
 
 
 def test_sample_from_array_bad_input():

@@ -29,7 +29,10 @@ def main() -> None:
     for sigma in SIGMAS:
         eps = [compute_epsilon(sigma, DELTA, Q, int(t)) for t in STEPS]
         ax.plot(STEPS, eps, "o-", ms=3, label=rf"$\sigma$ = {sigma:g}")
-        print(f"sigma={sigma}: " + ", ".join(f"T={t}: {e:.3g}" for t, e in zip(STEPS, eps)))
+        print(
+            f"sigma={sigma}: "
+            + ", ".join(f"T={t}: {e:.3g}" for t, e in zip(STEPS, eps, strict=True))
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("number of steps T")

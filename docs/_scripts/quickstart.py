@@ -22,16 +22,23 @@ def model(X, y=None, num_obs_total=None):
 
 # Stand-in data: N records with 5 features, one record per individual.
 rng = np.random.default_rng(0)
+true_w = np.array([1.0, -0.5, 0.0, 0.5, 1.5])
 X = rng.normal(size=(10_000, 5)).astype(np.float32)
-y = (rng.uniform(size=10_000) < 1 / (1 + np.exp(-X @ np.arange(1.0, 6.0)))).astype(np.float32)
+y = (rng.uniform(size=10_000) < 1 / (1 + np.exp(-X @ true_w))).astype(np.float32)
 
 N, q, num_steps = X.shape[0], 0.01, 2_000  # Poisson sampling probability, number of steps
 sigma, eps, _ = approximate_sigma_remove_relation(1.0, 1e-5, q, num_steps)  # ε = 1, δ = 1e-5
 guide = AutoDiagonalNormal(model)
 dpsvi = DPSVI(
-    model, guide, Adam(1e-2), Trace_ELBO(), clipping_threshold=2.0, dp_scale=sigma,
+    model,
+    guide,
+    Adam(1e-2),
+    Trace_ELBO(),
+    clipping_threshold=2.0,
+    dp_scale=sigma,
     num_obs_total=N,
 )
-result = dpsvi.run(d3p.random.PRNGKey(0), num_steps, X, y, q=q)  # Poisson batches, progress bar
+# Poisson batches, progress bar; epsilon spent is reported at delta (add/remove relation)
+result = dpsvi.run(d3p.random.PRNGKey(0), num_steps, X, y, q=q, delta=1e-5)
 print("noise scale", sigma, "epsilon spent", result.epsilon)
-print("posterior mean of w", jnp.round(guide.median(result.params)["w"], 2))
+print("posterior mean of w", jnp.round(guide.median(result.params)["w"], 2), "true", true_w)
