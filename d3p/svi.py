@@ -154,7 +154,9 @@ class DPSVIState(NamedTuple):
     num_nonfinite_grads
         Number of per-example gradients (of valid rows) that contained NaN or infinity and
         were therefore replaced by zero, counted since ``init``. A non-zero count points to
-        a numerically fragile model; the privacy guarantee is unaffected.
+        a numerically fragile model. Dropping them keeps the guarantee of the parameters
+        (a zero is a valid clipping), but the count itself depends on the data and is NOT
+        differentially private: do not publish it (nor the losses).
     """
 
     optim_state: Any
@@ -263,20 +265,28 @@ def _num_iter(q: float, num_epochs: float | None, num_iter: float | None) -> flo
     return num_epochs / q
 
 
-def _poisson_sampling(q: float, dataset_size: Any, max_batch_size: Any) -> dict:
-    """Sampling arguments of :func:`d3p.dputil.compute_epsilon` for (truncated) Poisson batches."""
+def _accounted_run(
+    q: float, num_epochs: Any, num_iter: Any, dataset_size: Any, max_batch_size: Any
+) -> dict:
+    """The ``q``, ``num_iter`` and sampling keywords of :mod:`d3p.dputil` for Poisson batches.
+
+    The batches are truncated Poisson samples when ``max_batch_size`` is given.
+    """
+    num_iter = _num_iter(q, num_epochs, num_iter)
     if (dataset_size is None) != (max_batch_size is None):
         raise ValueError(
             "give both dataset_size and max_batch_size (truncated Poisson batches) or "
             f"neither (untruncated); got dataset_size={dataset_size!r}, "
             f"max_batch_size={max_batch_size!r}"
         )
+    run = {"q": q, "num_iter": num_iter}
     if dataset_size is None:
-        return {}
+        return run
     size = minibatch.structural_batch_size(dataset_size, q, max_batch_size)
     if size >= dataset_size:
-        return {}  # no draw can be oversized: plain Poisson sampling
+        return run  # no draw can be oversized: plain Poisson sampling
     return {
+        **run,
         "sampling": "truncated_poisson",
         "dataset_size": dataset_size,
         "max_batch_size": size,
@@ -616,11 +626,10 @@ class DPSVI:
         number of records N) to account for it. Without them the result is the epsilon of
         untruncated Poisson sampling, which understates the cost of truncated batches.
         """
-        num_iter = _num_iter(q, num_epochs, num_iter)
+        run = _accounted_run(q, num_epochs, num_iter, dataset_size, max_batch_size)
         if self.dp_scale == 0:
             return math.inf
-        sampling = _poisson_sampling(q, dataset_size, max_batch_size)
-        return dputil.compute_epsilon(self.dp_scale, target_delta, q, num_iter, **sampling)
+        return dputil.compute_epsilon(self.dp_scale, target_delta, **run)
 
     def get_delta(
         self,
@@ -633,11 +642,10 @@ class DPSVI:
         max_batch_size: int | float | None = None,
     ) -> float:
         """Privacy spent: delta at ``target_epsilon`` (see :meth:`get_epsilon`); 1 if no noise."""
-        num_iter = _num_iter(q, num_epochs, num_iter)
+        run = _accounted_run(q, num_epochs, num_iter, dataset_size, max_batch_size)
         if self.dp_scale == 0:
             return 1.0
-        sampling = _poisson_sampling(q, dataset_size, max_batch_size)
-        return dputil.compute_delta(self.dp_scale, target_epsilon, q, num_iter, **sampling)
+        return dputil.compute_delta(self.dp_scale, target_epsilon, **run)
 
     @classmethod
     def make_private_with_epsilon(
@@ -741,9 +749,10 @@ class DPSVI:
             the accounting. Default: the ``1 - 1e-6`` quantile, or, for a calibrated
             :meth:`make_private_with_epsilon` plan, the smallest of the ``1 - 1e-6``,
             ``1 - 1e-9``, ... quantiles whose accounting stays within the budget.
-        delta : float, optional
-            The delta at which the privacy spent is reported; default: the planned delta,
-            else ``1 / N`` (report a smaller delta for a stronger statement).
+        delta : float
+            The delta at which the privacy spent is reported, in (0, 1), usually well
+            below ``1 / N``. Required unless :meth:`make_private_with_epsilon` planned
+            it (then it defaults to the planned delta).
         progress_bar : bool
             Show a tqdm progress bar (with the non-private average loss).
         init_state : DPSVIState, optional
@@ -764,8 +773,6 @@ class DPSVI:
         args, n = _check_batch(args)
         if any(a is None for a in args):
             raise ValueError("DPSVI.run needs every positional argument to be a data array")
-        if delta is None:
-            delta = 1.0 / n
         expected = q * n
         if self.expected_batch_size is not None and not math.isclose(
             self.expected_batch_size, expected
@@ -823,6 +830,11 @@ class DPSVI:
         if budget is None:
             if q is None:
                 raise ValueError("DPSVI.run needs the Poisson sampling rate q, in (0, 1]")
+            if delta is None:
+                raise ValueError(
+                    "DPSVI.run needs the delta at which to report the privacy spent, in "
+                    "(0, 1); choose it well below 1 / N (the number of records), e.g. 1e-5"
+                )
             return q, delta
         q = budget.q if q is None else q
         if q != budget.q or num_steps > budget.num_steps:

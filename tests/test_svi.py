@@ -601,9 +601,13 @@ def test_batch_errors():
     with pytest.raises(ValueError, match="mask"):
         dpsvi.update(state, x, y, mask=jnp.ones(3, bool))
     with pytest.raises(ValueError, match="q"):
-        dpsvi.run(debug.PRNGKey(0), 5, x, y, progress_bar=False)
+        dpsvi.run(debug.PRNGKey(0), 5, x, y, progress_bar=False, delta=1e-5)
+    with pytest.raises(ValueError, match="delta"):
+        dpsvi.run(debug.PRNGKey(0), 5, x, y, q=0.5, progress_bar=False)
+    with pytest.raises(ValueError, match="delta"):
+        dpsvi.run(debug.PRNGKey(0), 5, x, y, q=0.5, progress_bar=False, delta=1.5)
     with pytest.raises(ValueError, match="num_steps"):
-        dpsvi.run(debug.PRNGKey(0), 0, x, y, q=0.5, progress_bar=False)
+        dpsvi.run(debug.PRNGKey(0), 0, x, y, q=0.5, progress_bar=False, delta=1e-5)
 
 
 def test_mask_without_expected_batch_size_warns_once():
