@@ -5,16 +5,20 @@
 Rows: 32-bit words (``random_bits`` vs ``jax.random.bits``), standard normals
 (``normal`` vs ``jax.random.normal``) and the hardened privacy-noise sampler
 (``hardened_normal``, against ``jax.random.normal``). Each function is jitted and
-timed after compilation; ``ratio`` is d3p's time over the baseline's.
+timed after compilation; ``ratio`` is d3p's time over the baseline's. The last row
+times small ChaCha draws in a loop with the double rounds unrolled and looped.
 """
 
 from __future__ import annotations
+
+import time
 
 import jax
 import jax.numpy as jnp
 
 import d3p.random as dr
 from benchmarks._common import format_table, time_call
+from d3p.random import chacha
 
 
 def _row(name: str, n: int, ours, baseline, key, jax_key) -> dict:
@@ -28,6 +32,28 @@ def _row(name: str, n: int, ours, baseline, key, jax_key) -> dict:
         "ratio": ours_t / base_t,
         "d3p_Msamples_per_s": n / ours_t / 1e6,
     }
+
+
+def _unroll_row(num_blocks: int, steps: int) -> dict:
+    """Small ChaCha draws inside a jitted loop, as in a DPSVI step: unrolled vs looped rounds.
+
+    ``d3p.random`` unrolls the double rounds off CPU only (see ``chacha._block_words``);
+    this row measures both choices on the current backend, compilation included.
+    """
+    row = {"what": f"{num_blocks} ChaCha blocks x {steps} steps: unrolled vs fori_loop"}
+    for unroll, name in ((True, "unrolled"), (False, "looped")):
+
+        def body(i, state, unroll=unroll):
+            return chacha._blocks(state, num_blocks, unroll)[:16].reshape(4, 4)
+
+        loop = jax.jit(lambda s, body=body: jax.lax.fori_loop(0, steps, body, s))
+        start = time.perf_counter()
+        jax.block_until_ready(loop(dr.PRNGKey(0)))
+        row[f"{name}_compile_s"] = time.perf_counter() - start
+        timing = time_call(lambda loop=loop: loop(dr.PRNGKey(0)))
+        row[f"{name}_step_ms"] = 1e3 * timing["median_s"] / steps
+    row["ratio"] = row["unrolled_step_ms"] / row["looped_step_ms"]
+    return row
 
 
 def run(quick: bool) -> list[dict]:
@@ -60,6 +86,8 @@ def run(quick: bool) -> list[dict]:
             key,
             jax_key,
         ),
+        # a W1 DPSVI step draws about 51 blocks of noise words
+        _unroll_row(64, 20 if quick else 200),
     ]
 
 

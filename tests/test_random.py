@@ -118,6 +118,13 @@ def test_rfc8439_block_function():
         chacha.stream_words(jnp.asarray(state.reshape(4, 4)), 32)[16:],
         np.asarray(chacha.block(jnp.asarray(state2.reshape(4, 4)))).reshape(-1),
     )
+    # Both ways of running the rounds (unrolled off CPU, looped on CPU) give the RFC block.
+    for unroll in (True, False):
+        words = chacha._blocks(jnp.asarray(state.reshape(4, 4)), 3, unroll)
+        np.testing.assert_array_equal(words[:16], np.array(expected, np.uint32))
+        np.testing.assert_array_equal(
+            words, chacha.stream_words(jnp.asarray(state.reshape(4, 4)), 48)
+        )
 
 
 def test_prngkey_seeds():

@@ -10,7 +10,7 @@ stream of a state is the concatenation of the blocks for counter values
 ``state[3, 0], state[3, 0] + 1, ...`` (modulo 2**32).
 
 The rounds are elementwise uint32 operations on vectors of block counters
-(one ``lax.fori_loop`` step per double round keeps compilation fast), with no
+(see ``_block_words`` for how the double rounds are looped), with no
 gathers; rotations are written as two shifts and an or, which XLA's
 CPU and GPU back ends lower to native rotate instructions.
 """
@@ -68,9 +68,26 @@ def _double_round(_, x: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
     return tuple(x)
 
 
-def _block_words(words: list[jax.Array]) -> list[jax.Array]:
-    """Apply the block function to 16 uint32 word arrays of one shape."""
-    x = lax.fori_loop(0, 10, _double_round, tuple(words))
+def _block_words(words: list[jax.Array], unroll: bool | None = None) -> list[jax.Array]:
+    """Apply the block function to 16 uint32 word arrays of one shape.
+
+    ``unroll=False`` runs the ten double rounds as a ``lax.fori_loop``; ``True`` writes
+    them out as straight-line code, which XLA can fuse into one kernel. ``None`` (the
+    default) unrolls on GPUs and other accelerators, where every loop iteration costs at
+    least a kernel launch (JAX lowers its own threefry rounds the same way: rolled on CPU
+    only), and loops on CPU, where unrolling made a loop of small draws
+    compile 6x slower (2.1 s instead of 0.33 s) to run 25% faster, a poor trade for
+    d3p's many small programs (``python -m benchmarks --only random`` times both).
+    The results are identical.
+    """
+    if unroll is None:
+        unroll = jax.default_backend() != "cpu"
+    x = tuple(words)
+    if unroll:
+        for i in range(10):
+            x = _double_round(i, x)
+    else:
+        x = lax.fori_loop(0, 10, _double_round, x)
     return [xi + wi for xi, wi in zip(x, words, strict=True)]
 
 
@@ -93,13 +110,13 @@ def block(state: jax.Array) -> jax.Array:
     return jnp.stack(_block_words([flat[i] for i in range(16)])).reshape(4, 4)
 
 
-@partial(jax.jit, static_argnums=1)
-def _blocks(state: jax.Array, num_blocks: int) -> jax.Array:
+@partial(jax.jit, static_argnums=(1, 2))
+def _blocks(state: jax.Array, num_blocks: int, unroll: bool | None = None) -> jax.Array:
     """The first ``num_blocks`` blocks of the stream of ``state``, shape (num_blocks * 16,)."""
     flat = jnp.reshape(state, (16,))
     words = [jnp.broadcast_to(flat[i], (num_blocks,)) for i in range(16)]
     words[12] = flat[12] + jnp.arange(num_blocks, dtype=jnp.uint32)
-    return jnp.stack(_block_words(words), axis=-1).reshape(-1)
+    return jnp.stack(_block_words(words, unroll), axis=-1).reshape(-1)
 
 
 def stream_words(state: jax.Array, num_words: int) -> jax.Array:
