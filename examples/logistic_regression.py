@@ -251,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
     dp = evaluate(guide, params, data, args.seed)
     baseline = evaluate(*fit_nonprivate(data, settings, args.seed), data, args.seed)
     print(f"privacy spent: epsilon = {eps_spent:.3f} at delta = {args.delta:g} (add/remove)")
+    if data.true_weights is None:
+        print("  (training only: standardising features by their own mean/std is not covered)")
     print(f"noise scale sigma = {sigma:.3f}")
     print(f"{'':24s}{'test accuracy':>15s}{'test log-lik':>15s}")
     for name, res in (("DP-VI (d3p DPSVI)", dp), ("non-private SVI", baseline)):
