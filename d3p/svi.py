@@ -844,10 +844,6 @@ class DPSVI:
             )
         return q, budget.delta if delta is None else delta
 
-    def _privacy_spent(self, q: float, num_steps: int, delta: float, n: int, size: int) -> float:
-        """Epsilon of ``num_steps`` Poisson(q) steps truncated at ``size`` of ``n`` records."""
-        return self.get_epsilon(delta, q, num_iter=num_steps, dataset_size=n, max_batch_size=size)
-
     def _batcher(
         self,
         args: tuple,
@@ -868,7 +864,9 @@ class DPSVI:
                 args, q, candidate, "truncate", rng_suite=self.rng_suite
             )
             size = minibatch.structural_batch_size(n, q, candidate)
-            epsilon = self._privacy_spent(q, num_steps, delta, n, size)
+            epsilon = self.get_epsilon(
+                delta, q, num_iter=num_steps, dataset_size=n, max_batch_size=size
+            )
             if self._budget is None or epsilon <= self._budget.epsilon:
                 return batch_init, get_batch, size, epsilon
         raise ValueError(
