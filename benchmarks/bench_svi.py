@@ -11,13 +11,15 @@ expected size q * N. DPSVI uses the secure generator (d3p.random, hardened noise
 "poisson" column also draws a Poisson batch (d3p.minibatch, secure) inside the loop, with
 the structural size at the 1 - 1e-6 quantile. The "whole-ELBO" column is the d3p 0.2 style
 path (every example's entire ELBO vmapped, here via TraceMeanField_ELBO, which DPSVI does not
-split). DPSVI uses its default per-example gradient chunking. The "floor" column (W1, W2)
-is a hand-written JAX loop doing only what any per-example clipping step must do (see
-``logistic_clip_floor``). d3p 0.2 on its old stack measured 50x (W1), 13x (W2) and 170x
+split). DPSVI uses its default per-example gradient chunking. The "floor" column is a
+hand-written JAX loop doing only what any per-example clipping step must do (see
+``clip_floor``). d3p 0.2 on its old stack measured 50x (W1), 13x (W2) and 170x
 (W3) SVI's time.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +30,7 @@ from numpyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from numpyro.infer.autoguide import AutoDiagonalNormal
 
 import d3p.random
-from benchmarks._common import format_table, time_call
+from benchmarks._common import format_table, time_interleaved
 from d3p.minibatch import poisson_batchify_data
 from d3p.svi import DPSVI
 
@@ -65,40 +67,58 @@ def _loop(update, state, steps):
     return jax.jit(lambda s: jax.lax.fori_loop(0, steps, lambda i, s: update(i, s), s))
 
 
-def _per_step(fn, state, steps, repeats):
-    return time_call(lambda: fn(state), repeats=repeats)["median_s"] / steps
+def logistic_loss(z, x, y):
+    """-log Bernoulli(y | sigmoid(x . w + b)) of one example, z = (w, b)."""
+    logit = x @ z[:-1] + z[-1]
+    return jnp.logaddexp(0.0, logit) - y * logit
 
 
-def logistic_clip_floor(xb, yb, steps):
-    """A jitted loop of the bare minimum of a private step of W1/W2, written by hand in JAX.
+def bnn_loss(z, x, y, hidden=100):
+    """The same for bnn_model's network, z = (w1, b1, w2, b2) flattened."""
+    d = x.shape[0]
+    w1 = z[: d * hidden].reshape(d, hidden)
+    b1, w2 = z[d * hidden : d * hidden + hidden], z[d * hidden + hidden : -1]
+    logit = jnp.tanh(x @ w1 + b1) @ w2 + z[-1]
+    return jnp.logaddexp(0.0, logit) - y * logit
 
-    Mean-field normal over (w, b), one reparameterised sample, per-example gradients of the
-    likelihood by ``vmap(grad)``, clipping, sum, threefry noise, SGD: no numpyro, no secure
-    generator, no prior/entropy term. A floor for any DPSVI built on materialised
+
+def clip_floor(example_loss, num_latents, xb, yb, steps):
+    """A jitted loop of the bare minimum of a private step, written by hand in JAX.
+
+    Mean-field normal over the latents, one reparameterised sample ``z`` shared by the
+    batch, per-example gradients of the likelihood with respect to ``z`` by ``vmap(grad)``,
+    each example's norm over (loc, raw scale) from them (the guide is elementwise), clipping,
+    sum, threefry noise, SGD; chunks of examples as DPSVI's default on CPU: no numpyro, no
+    secure generator, no prior/entropy term. A floor for any DPSVI built on materialised
     per-example gradients, to read the DPSVI/SVI ratio against.
     """
-    d = xb.shape[1]
-
-    def example_loss(loc, raw_scale, eps, x, y):
-        z = loc + jax.nn.softplus(raw_scale) * eps
-        logit = x @ z[:d] + z[d]
-        return jnp.logaddexp(0.0, logit) - y * logit
-
-    per_example = jax.vmap(jax.grad(example_loss, (0, 1)), (None, None, None, 0, 0))
+    batch = xb.shape[0]
+    k = max(1, min(batch, 2**20 // (2 * num_latents)))
+    while batch % k:
+        k -= 1
+    chunks = (xb.reshape(batch // k, k, -1), yb.reshape(batch // k, k))
+    per_example = jax.vmap(jax.grad(example_loss), (None, 0, 0))
 
     def step(i, state):
         loc, raw_scale, key = state
         key, eps_key, noise_key = jax.random.split(key, 3)
-        eps = jax.random.normal(eps_key, (d + 1,))
-        g_loc, g_scale = per_example(loc, raw_scale, eps, xb, yb)
-        norm = jnp.sqrt(jnp.sum(g_loc**2, 1) + jnp.sum(g_scale**2, 1))
-        factor = jnp.minimum(1.0, CLIP / norm)
-        noise = DP_SCALE * CLIP * jax.random.normal(noise_key, (2, d + 1))
-        loc = loc - STEP_SIZE * (factor @ g_loc + noise[0])
-        raw_scale = raw_scale - STEP_SIZE * (factor @ g_scale + noise[1])
+        eps = jax.random.normal(eps_key, (num_latents,))
+        z = loc + jax.nn.softplus(raw_scale) * eps
+        to_scale = eps * jax.nn.sigmoid(raw_scale)  # d z / d raw_scale
+        weight = 1.0 + to_scale**2
+
+        def chunk(total, xy):
+            g = per_example(z, *xy)
+            factor = jnp.minimum(1.0, CLIP / jnp.sqrt(jnp.sum(g * g * weight, 1)))
+            return total + factor @ g, None
+
+        g_sum = jax.lax.scan(chunk, jnp.zeros(num_latents), chunks)[0]
+        noise = DP_SCALE * CLIP * jax.random.normal(noise_key, (2, num_latents))
+        loc = loc - STEP_SIZE * (g_sum + noise[0])
+        raw_scale = raw_scale - STEP_SIZE * (g_sum * to_scale + noise[1])
         return loc, raw_scale, key
 
-    state = (jnp.zeros(d + 1), jnp.zeros(d + 1), jax.random.PRNGKey(0))
+    state = (jnp.zeros(num_latents), jnp.zeros(num_latents), jax.random.PRNGKey(0))
     return _loop(step, state, steps), state
 
 
@@ -109,23 +129,18 @@ def bench_workload(name, model, n, d, q, steps, repeats, whole_elbo):
     guide = AutoDiagonalNormal(model)
     optim = numpyro.optim.Adam(STEP_SIZE)
     row = {"workload": name, "N": n, "d": d, "batch": batch}
+    loops = {}  # column -> (jitted loop of `steps` updates, its initial state)
 
     svi = SVI(model, guide, optim, Trace_ELBO(), N=n)
     svi_state = svi.init(jax.random.PRNGKey(0), xb, yb)
     row["params"] = int(sum(v.size for v in jax.tree.leaves(svi.get_params(svi_state))))
-    svi_fn = _loop(lambda i, s: svi.update(s, xb, yb)[0], svi_state, steps)
-    svi_t = _per_step(svi_fn, svi_state, steps, repeats)
-    row["svi_ms"] = 1e3 * svi_t
+    loops["svi"] = _loop(lambda i, s: svi.update(s, xb, yb)[0], svi_state, steps), svi_state
 
     dpsvi = DPSVI(model, guide, optim, Trace_ELBO(), CLIP, DP_SCALE, N=n)
     state = dpsvi.init(d3p.random.PRNGKey(1), xb, yb)
-    dp_fn = _loop(lambda i, s: dpsvi.update(s, xb, yb)[0], state, steps)
-    row["dpsvi_ms"] = 1e3 * _per_step(dp_fn, state, steps, repeats)
-    row["ratio"] = row["dpsvi_ms"] / row["svi_ms"]
-    if model is logistic_model:
-        floor_fn, floor_state = logistic_clip_floor(xb, yb, steps)
-        row["floor_ms"] = 1e3 * _per_step(floor_fn, floor_state, steps, repeats)
-        row["ratio_floor"] = row["floor_ms"] / row["svi_ms"]
+    loops["dpsvi"] = _loop(lambda i, s: dpsvi.update(s, xb, yb)[0], state, steps), state
+    floor_loss = logistic_loss if model is logistic_model else bnn_loss
+    loops["floor"] = clip_floor(floor_loss, row["params"] // 2, xb, yb, steps)
 
     batch_init, get_batch = poisson_batchify_data((x, y), q, 1 - 1e-6)
     _, batch_state = batch_init(d3p.random.PRNGKey(2))
@@ -138,17 +153,22 @@ def bench_workload(name, model, n, d, q, steps, repeats, whole_elbo):
         (bx, by), mask = get_batch(i, batch_state)
         return dpsvi_p.update(s, bx, by, mask=mask)[0]
 
-    poisson_fn = _loop(poisson_step, state_p, steps)
+    loops["dpsvi_poisson"] = _loop(poisson_step, state_p, steps), state_p
     row["poisson_rows"] = int(get_batch(0, batch_state)[1].shape[0])
-    row["dpsvi_poisson_ms"] = 1e3 * _per_step(poisson_fn, state_p, steps, repeats)
-    row["ratio_poisson"] = row["dpsvi_poisson_ms"] / row["svi_ms"]
 
     if whole_elbo:
         dpsvi_w = DPSVI(model, guide, optim, TraceMeanField_ELBO(), CLIP, DP_SCALE, N=n)
         state_w = dpsvi_w.init(d3p.random.PRNGKey(1), xb, yb)
         whole_fn = _loop(lambda i, s: dpsvi_w.update(s, xb, yb)[0], state_w, steps)
-        row["whole_elbo_ms"] = 1e3 * _per_step(whole_fn, state_w, steps, repeats)
-        row["ratio_whole_elbo"] = row["whole_elbo_ms"] / row["svi_ms"]
+        loops["whole_elbo"] = whole_fn, state_w
+
+    seconds = time_interleaved(
+        {col: functools.partial(fn, s) for col, (fn, s) in loops.items()}, repeats
+    )
+    for col, t in seconds.items():
+        row[f"{col}_ms"] = 1e3 * t / steps
+        if col != "svi":
+            row[f"ratio_{col}"] = t / seconds["svi"]
     row["backend"] = jax.default_backend()
     return row
 

@@ -294,27 +294,35 @@ def _accounted_run(
 
 
 def _dot(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    # full float32/float64 precision: a norm under-estimated by reduced-precision matmuls
-    # (e.g. TF32 on GPUs) would let a clipped gradient exceed C
+    # full float32/float64 precision: reduced-precision matmuls (e.g. TF32 on GPUs) would
+    # round each clipped gradient to about 1e-3 relative error, enough to exceed C (the
+    # norms themselves are elementwise reductions, always at full precision)
     return jnp.einsum(subscripts, a, b, precision=jax.lax.Precision.HIGHEST)
 
 
 def _clip_and_sum(
-    grads: Any, losses: jax.Array, mask: jax.Array, c: float
+    grads: Any, losses: jax.Array, mask: jax.Array, c: float, parts: Any = None
 ) -> tuple[Any, jax.Array, jax.Array]:
     """Clip per-example gradients (leading axis) to L2 norm ``c`` and sum the valid rows.
 
-    A row contributes exactly nothing if it is masked out or its gradient holds NaN or
-    infinity (such valid rows are counted). Returns the clipped sum (tree without the
-    leading axis), the sum of the contributing rows' losses and the count.
+    A row contributes nothing if it is masked out or its gradient holds NaN or infinity
+    (such valid rows are counted). ``parts``, if given, is a tree of per-example arrays
+    that a linear map sends to ``grads`` row by row; the clipping weights are then summed
+    over ``parts`` instead of ``grads`` (the map applied to the result is the clipped sum;
+    the caller must check that it is finite). Returns the weighted sum (of ``grads`` or
+    ``parts``, without the leading axis), the sum of the contributing rows' losses and
+    the count.
     """
     rows = mask.shape[0]
     flat = [g.reshape(rows, -1) for g in jax.tree.leaves(grads)]
-    sq_norm = sum((_dot("bp,bp->b", g, g) for g in flat), jnp.zeros(rows, losses.dtype))
+    flat_parts = [] if parts is None else [g.reshape(rows, -1) for g in jax.tree.leaves(parts)]
+    parts = grads if parts is None else parts
+    sq_norm = sum((jnp.sum(g * g, axis=1) for g in flat), jnp.zeros(rows, losses.dtype))
     any_bad = jnp.any(~jnp.isfinite(sq_norm))  # NaN/inf entries, or an overflowing sum
 
     def exact_rows():
-        finite = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(g), 1) for g in flat])
+        entries = flat + flat_parts
+        finite = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(g), 1) for g in entries])
         peak = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(g), 1) for g in flat])
         # huge but finite gradients overflow the sum of squares: bound the norm instead
         bound = peak * math.sqrt(sum(g.shape[1] for g in flat))
@@ -328,6 +336,8 @@ def _clip_and_sum(
     factor = jnp.where(ok, jnp.minimum(1.0, c / norm), 0.0).astype(losses.dtype)
 
     def weighted_sum(g):
+        # one cond per leaf: on XLA:CPU this kept W3 of benchmarks/bench_svi.py 1.8x faster
+        # than a single cond over the whole tree (which changed how the producers fused)
         flat_g = g.reshape(rows, -1)
         total = jax.lax.cond(
             any_bad,
@@ -336,9 +346,16 @@ def _clip_and_sum(
         )
         return total.reshape(g.shape[1:]).astype(g.dtype)
 
-    grad_sum = jax.tree.map(weighted_sum, grads)
+    part_sum = jax.tree.map(weighted_sum, parts)
     loss_sum = jnp.sum(jnp.where(ok, losses, 0.0))
-    return grad_sum, loss_sum, jnp.sum(mask & ~finite, dtype=jnp.int32)
+    return part_sum, loss_sum, jnp.sum(mask & ~finite, dtype=jnp.int32)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    """Whether every entry of every leaf of ``tree`` is finite."""
+    return functools.reduce(
+        jnp.logical_and, [jnp.all(jnp.isfinite(t)) for t in jax.tree.leaves(tree)], True
+    )
 
 
 def _chunked_sum(chunk: Callable, xs: Any, k: int) -> Any:
@@ -596,8 +613,9 @@ class DPSVI:
         mask = mask_array
         _, jax_key, _, params, kwargs = self._step_inputs(svi_state, kwargs)
         obs_scale = svi_state.observation_scale
+        values = self._global_values(params, jax_key, args, kwargs)
         losses = jax.vmap(
-            lambda ex, i: self._example_loss(params, jax_key, ex, kwargs, i, obs_scale)
+            lambda ex, i: self._example_loss(params, values, jax_key, ex, kwargs, i, obs_scale)
         )(_add_examples_axis(args), jnp.arange(batch_size))
         loss = jnp.sum(jnp.where(mask, losses, 0.0)) * (obs_scale / normaliser)
         if self._split_elbo:
@@ -915,18 +933,25 @@ class DPSVI:
         return jax.vmap(fn)(jax.random.split(jax_key, num_particles), *stacked)
 
     def _global_values(
-        self, params: dict, jax_key: jax.Array, zero_args: tuple, kwargs: dict
-    ) -> dict:
-        """The step's sample of the global latents, a function of the params (no data)."""
+        self, params: dict, jax_key: jax.Array, args: tuple, kwargs: dict
+    ) -> dict | None:
+        """The step's sample of the global latents, a function of the params (no data).
+
+        None on the generic (unsplit) path, where every example draws its own.
+        """
+        if not self._split_elbo:
+            return None
         cparams = self._svi.constrain_fn(params)
+        zeros = zero_examples(args)
         return self._particles(
-            lambda key: global_latents(self.guide, cparams, key, zero_args, kwargs, self._layout),
+            lambda key: global_latents(self.guide, cparams, key, zeros, kwargs, self._layout),
             jax_key,
         )
 
     def _example_loss(
         self,
         params: dict,
+        global_values: dict | None,
         jax_key: jax.Array,
         example_args: tuple,
         kwargs: dict,
@@ -935,12 +960,12 @@ class DPSVI:
     ) -> jax.Array:
         """Loss of one example (a batch of one) whose gradient is clipped, per unit scale.
 
-        Split path: the data terms, evaluated at the step's global latent sample (drawn
-        without data, shared by all examples). Generic path: the whole loss, with its own
-        randomness.
+        Split path: the data terms, evaluated at ``global_values``, the step's sample of the
+        global latents (:meth:`_global_values`, shared by all examples). Generic path
+        (``global_values`` is None): the whole loss, with its own randomness.
         """
         cparams = self._svi.constrain_fn(params)
-        if not self._split_elbo:
+        if global_values is None:
             loss = self.per_example_loss.loss(
                 jax.random.fold_in(jax_key, index),
                 cparams,
@@ -965,8 +990,6 @@ class DPSVI:
             )
             return -data_term
 
-        zeros = zero_examples(example_args)
-        global_values = self._global_values(params, jax_key, zeros, kwargs)
         return jnp.mean(self._particles(particle, jax_key, global_values)) / obs_scale
 
     def _global_loss(
@@ -992,16 +1015,46 @@ class DPSVI:
         mask: jax.Array,
         obs_scale: jax.Array,
     ) -> tuple[Any, jax.Array, jax.Array]:
-        """Sum of clipped per-example gradients, loss sum and non-finite count of a batch."""
+        """Sum of clipped per-example gradients, loss sum and non-finite count of a batch.
 
-        def example(p, ex, i):
-            return self._example_loss(p, jax_key, ex, kwargs, i, obs_scale)
+        On the split path the data terms depend on the params directly (local latents,
+        model params) and through the shared global sample ``v = g(params)``. Per example
+        the gradients with respect to ``params`` and ``v`` are formed, and the full
+        gradient ``d_params + J_g^T d_v`` from them for its norm; the clipped sum is
+        ``sum_i w_i d_params_i + J_g^T (sum_i w_i d_v_i)`` (linearity; equal up to
+        floating-point rounding): one vector-Jacobian product per step instead of a
+        weighted sum over the longer per-example full gradients. Should that sum be
+        non-finite although every contributing full gradient is finite (a ``d_v`` entry
+        that ``J_g^T`` maps to zero, or an overflow), the step sums the clipped full
+        gradients themselves instead, each of norm at most ``C``.
+        """
+        values, values_vjp = jax.vjp(
+            lambda p: self._global_values(p, jax_key, args, kwargs), params
+        )
+        through_global = bool(jax.tree.leaves(values))
+        c = self.clipping_threshold
 
-        per_example = jax.vmap(jax.value_and_grad(example), in_axes=(None, 0, 0))
+        def example(p, v, ex, i):
+            return self._example_loss(p, v, jax_key, ex, kwargs, i, obs_scale)
 
-        def chunk(ex_args, index, chunk_mask):
-            losses, grads = per_example(params, ex_args, index)
-            return _clip_and_sum(grads, losses, chunk_mask, self.clipping_threshold)
+        per_example = jax.vmap(
+            jax.value_and_grad(example, argnums=(0, 1)), in_axes=(None, None, 0, 0)
+        )
+
+        def full_grads(d_params, d_values):
+            if not through_global:
+                return d_params
+            (through_values,) = jax.vmap(values_vjp)(d_values)
+            return jax.tree.map(jnp.add, d_params, through_values)
+
+        def linear_chunk(ex_args, index, chunk_mask):
+            losses, (d_params, d_values) = per_example(params, values, ex_args, index)
+            grads = full_grads(d_params, d_values)
+            return _clip_and_sum(grads, losses, chunk_mask, c, (d_params, d_values))
+
+        def full_chunk(ex_args, index, chunk_mask):
+            losses, (d_params, d_values) = per_example(params, values, ex_args, index)
+            return _clip_and_sum(full_grads(d_params, d_values), losses, chunk_mask, c)[0]
 
         xs = (_add_examples_axis(args), jnp.arange(mask.shape[0]), mask)
         k = self.chunk_size
@@ -1010,9 +1063,19 @@ class DPSVI:
         elif k is None:
             num_params = sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(params))
             k = max(1, _AUTO_CHUNK_ENTRIES // max(1, num_params))
-        if k >= mask.shape[0]:
-            return chunk(*xs)
-        return _chunked_sum(chunk, xs, k)
+
+        def over_chunks(chunk):
+            return chunk(*xs) if k >= mask.shape[0] else _chunked_sum(chunk, xs, k)
+
+        (sum_params, sum_values), loss_sum, num_bad = over_chunks(linear_chunk)
+        if not through_global:
+            return sum_params, loss_sum, num_bad
+        (via_values,) = values_vjp(sum_values)
+        linear = jax.tree.map(jnp.add, sum_params, via_values)
+        grad_sum = jax.lax.cond(
+            _all_finite(linear), lambda: linear, lambda: over_chunks(full_chunk)
+        )
+        return grad_sum, loss_sum, num_bad
 
     def _noise(self, noise_key: Any, like: Any) -> Any:
         """Privacy noise N(0, (dp_scale * C)^2) per coordinate, shaped like ``like``."""

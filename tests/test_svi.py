@@ -233,6 +233,91 @@ def test_clipping_bound_and_scaling():
     assert float(jnp.linalg.norm(moved)) <= c * (1 + 1e-5)
 
 
+def biased_logreg_model(x, y, N=N_TOTAL):
+    """A global latent ``w`` and a model parameter ``bias`` that the likelihood uses directly."""
+    w = numpyro.sample("w", dist.Normal(jnp.zeros(x.shape[1]), 1.0).to_event(1))
+    bias = numpyro.param("bias", 0.3)
+    with numpyro.plate("data", N, subsample_size=x.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(logits=x @ w + bias), obs=y)
+
+
+def test_clipping_through_the_global_sample():
+    # Per-example gradients reach the guide's parameters through the shared global sample
+    # and the model parameter directly. Reference, from numpyro's Trace_ELBO with DPSVI's
+    # key: each example's data-term gradient is the gradient of its whole single-example
+    # loss minus that of the loss with the observed site blocked (the global terms); DPSVI
+    # must sum those per-unit-scale gradients clipped to C, times N / B, plus the global
+    # gradient. A NaN example must be dropped exactly as a masked one.
+    x, y = data()
+    x = x.at[1].multiply(50.0)
+    c = 0.05
+    guide = AutoDiagonalNormal(biased_logreg_model)
+    optim = numpyro.optim.SGD(1.0)
+    dpsvi = DPSVI(biased_logreg_model, guide, optim, Trace_ELBO(), c, 0.0, rng_suite=debug)
+    state = dpsvi.init(debug.PRNGKey(4), x, y)
+    params = dpsvi.optim.get_params(state.optim_state)
+    elbo_key = debug.split(state.rng_key, 3)[1]
+    blocked = numpyro.handlers.block(biased_logreg_model, hide=["y"])
+
+    def loss(model, p, xi, yi):
+        return Trace_ELBO().loss(elbo_key, dpsvi.constrain_fn(p), model, guide, xi, yi)
+
+    per_example = jax.vmap(
+        jax.grad(lambda p, xi, yi: loss(biased_logreg_model, p, xi, yi)), in_axes=(None, 0, 0)
+    )(params, x[:, None], y[:, None])
+    global_grad = jax.grad(lambda p: loss(blocked, p, x[:1], y[:1]))(params)
+    data_grads = jax.tree.map(lambda g, g0: (g - g0) / N_TOTAL, per_example, global_grad)
+    norms = jnp.sqrt(sum(jnp.sum(g.reshape(B, -1) ** 2, 1) for g in jax.tree.leaves(data_grads)))
+    assert int(jnp.sum(norms > c)) >= B - 1  # the clip is active
+    factor = jnp.minimum(1.0, c / norms)
+
+    def expected(keep):
+        w = jnp.where(keep, factor, 0.0)
+        clipped = jax.tree.map(lambda g: jnp.tensordot(w, g, 1), data_grads)
+        return jax.tree.map(lambda s, g0: N_TOTAL / B * s + g0, clipped, global_grad)
+
+    grad, _, _ = sgd_gradient(dpsvi, state, x, y)
+    scale = float(full_norm(expected(jnp.ones(B, bool))))
+    assert tree_max_diff(grad, expected(jnp.ones(B, bool))) < 1e-5 * scale
+    grad_nan, state_nan, _ = sgd_gradient(dpsvi, state, x.at[5].set(jnp.nan), y)
+    assert tree_max_diff(grad_nan, expected(jnp.arange(B) != 5)) < 1e-5 * scale
+    assert int(state_nan.num_nonfinite_grads) == 1
+
+
+def test_clipped_sum_survives_an_overflowing_shortcut():
+    # The clipped sum is formed as J^T (sum_i w_i d_v_i) over the per-example gradients d_v
+    # with respect to the global sample v = J a (here J = 3e-308, float64). Each full
+    # gradient J d_v_i is about 1 and clips fine, but sum_i w_i d_v_i overflows: DPSVI must
+    # then fall back to summing the clipped full gradients, not return inf.
+    scale, jac = 5e307, 3e-308
+
+    def model(x, y, N=N_TOTAL):
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+        with numpyro.plate("data", N, subsample_size=x.shape[0]):
+            numpyro.sample("y", dist.Normal(w * scale * x, 1.0), obs=y)
+
+    def guide(x, y, N=N_TOTAL):
+        numpyro.sample("w", dist.Delta(numpyro.param("a", 1.0) * jac))
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+        x = jnp.asarray(rng.uniform(0.9, 1.1, B))
+        y = jnp.full(B, 3.0)
+        dpsvi = DPSVI(model, guide, numpyro.optim.SGD(1.0), Trace_ELBO(), 1.0, 0.0, rng_suite=debug)
+        state = dpsvi.init(debug.PRNGKey(0), x, y)
+        grad, state, _ = sgd_gradient(dpsvi, state, x, y)
+        xs, ys = np.asarray(x), np.asarray(y)
+        mean = jac * scale * xs  # w * scale * x at a = 1
+        d_v = -(ys - mean) * scale * xs  # per-example d(-log p)/dw
+        g = jac * d_v  # full per-example gradients with respect to a
+        w = np.minimum(1.0, 1.0 / np.abs(g))
+        with np.errstate(over="ignore"):
+            assert np.isinf(np.sum(w * d_v))  # the shortcut overflows
+        expected = N_TOTAL / B * np.sum(w * g) + jac * jac  # + prior term w * dw/da
+        assert float(grad["a"]) == pytest.approx(expected, rel=1e-9)
+        assert int(state.num_nonfinite_grads) == 0
+
+
 def test_clip_scaled_observations():
     # clip_unscaled_observations=False: the clip applies to N * per-example gradient.
     x, y = data()
