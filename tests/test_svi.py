@@ -126,17 +126,23 @@ def svi_reference(model, guide, optim, dpsvi, state, x, y, loss=None):
 
 
 @pytest.mark.parametrize(
-    "guide_kind, x64",
-    [("diag", False), ("diag", True), ("auto_normal", False), ("hand", False)],
-    ids=["diag-x32", "diag-x64", "auto_normal-x32", "hand-x32"],
+    "guide_kind, x64, particles",
+    [
+        ("diag", False, 1),
+        ("diag", True, 1),
+        ("auto_normal", False, 1),
+        ("hand", False, 1),
+        ("auto_normal", False, 3),
+    ],
+    ids=["diag-x32", "diag-x64", "auto_normal-x32", "hand-x32", "auto_normal-x32-3particles"],
 )
-def test_matches_svi_without_noise_and_clipping(guide_kind, x64):
+def test_matches_svi_without_noise_and_clipping(guide_kind, x64, particles):
     # dp_scale=0 and C far above every gradient norm: DPSVI must take numpyro SVI's steps.
     with jax.enable_x64(x64):
-        _check_matches_svi(guide_kind, x64)
+        _check_matches_svi(guide_kind, x64, particles)
 
 
-def _check_matches_svi(guide_kind, x64):
+def _check_matches_svi(guide_kind, x64, particles):
     guide = {
         "diag": lambda: AutoDiagonalNormal(logreg_model),
         "auto_normal": lambda: AutoNormal(logreg_model),
@@ -144,9 +150,10 @@ def _check_matches_svi(guide_kind, x64):
     }[guide_kind]()
     x, y = data(dtype=jnp.float64 if x64 else jnp.float32)
     optim = numpyro.optim.Adam(1e-2)
-    dpsvi = DPSVI(logreg_model, guide, optim, Trace_ELBO(), 1e8, 0.0, rng_suite=debug)
+    loss = Trace_ELBO(num_particles=particles)
+    dpsvi = DPSVI(logreg_model, guide, optim, loss, 1e8, 0.0, rng_suite=debug)
     state = dpsvi.init(debug.PRNGKey(3), x, y)
-    svi, svi_state = svi_reference(logreg_model, guide, optim, dpsvi, state, x, y)
+    svi, svi_state = svi_reference(logreg_model, guide, optim, dpsvi, state, x, y, loss)
     dp_step, svi_step = jax.jit(dpsvi.update), jax.jit(svi.update)
     for _ in range(3):
         state, loss = dp_step(state, x, y)
