@@ -25,11 +25,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from numpyro.handlers import replay, seed, substitute, trace
+from numpyro.handlers import replay, seed, substitute
 from numpyro.infer.util import compute_log_probs
 from numpyro.primitives import Messenger
 
-__all__ = ["SiteLayout", "classify_sites", "elbo_terms", "global_latents", "zero_examples"]
+__all__ = ["SiteLayout", "classify_sites", "elbo_terms", "global_part", "zero_examples"]
 
 
 class SiteLayout(NamedTuple):
@@ -137,7 +137,7 @@ def elbo_terms(
     index : int or jax.Array
         Position of the example in the batch, folded into the keys of local latents.
     global_values : dict, optional
-        Values for the global latents (see :func:`global_latents`) instead of the guide's
+        Values for the global latents (see :func:`global_part`) instead of the guide's
         own samples; gradients then flow to these values, not to the guide's parameters.
 
     Returns
@@ -149,31 +149,37 @@ def elbo_terms(
     model_lp, _, guide_lp, _ = _run_traces(
         model, guide, params, rng_key, args, kwargs, layout, index, global_values
     )
-    zero = jnp.zeros(())
-    data_term = zero + sum(v for k, v in model_lp.items() if k in layout.model_local)
+    data_term = jnp.zeros(()) + sum(v for k, v in model_lp.items() if k in layout.model_local)
     data_term = data_term - sum(v for k, v in guide_lp.items() if k in layout.guide_local)
-    global_term = zero + sum(v for k, v in model_lp.items() if k not in layout.model_local)
-    global_term = global_term - sum(v for k, v in guide_lp.items() if k not in layout.guide_local)
-    return data_term, global_term
+    return data_term, _global_term(model_lp, guide_lp, layout)
 
 
-def global_latents(
+def _global_term(model_lp: dict, guide_lp: dict, layout: SiteLayout) -> jax.Array:
+    """``log p(z_g) - log q(z_g)``: the sites outside the data plate."""
+    term = jnp.zeros(()) + sum(v for k, v in model_lp.items() if k not in layout.model_local)
+    return term - sum(v for k, v in guide_lp.items() if k not in layout.guide_local)
+
+
+def global_part(
+    model: Callable,
     guide: Callable,
     params: dict,
     rng_key: jax.Array,
     args: tuple,
     kwargs: dict,
     layout: SiteLayout,
-) -> dict:
-    """The guide's sample of the global latents for particle key ``rng_key``.
+) -> tuple[dict, jax.Array]:
+    """The guide's sample of the global latents for particle key ``rng_key``, and the global
+    term ``log p(z_g) - log q(z_g)`` at it.
 
-    Drawn exactly as in :func:`elbo_terms` with the same key (reparameterised: a
-    differentiable function of ``params``). Pass data-free ``args`` (:func:`zero_examples`).
+    The sample is drawn exactly as in :func:`elbo_terms` with the same key (reparameterised:
+    a differentiable function of ``params``). Pass data-free ``args`` (:func:`zero_examples`).
     """
-    _, guide_seed = jax.random.split(rng_key)
-    guide_fn = substitute(seed(guide, guide_seed), data=params)
-    guide_trace = trace(guide_fn).get_trace(*args, **kwargs)
-    return {name: guide_trace[name]["value"] for name in layout.global_latents}
+    model_lp, _, guide_lp, guide_trace = _run_traces(
+        model, guide, params, rng_key, args, kwargs, layout, 0
+    )
+    values = {name: guide_trace[name]["value"] for name in layout.global_latents}
+    return values, _global_term(model_lp, guide_lp, layout)
 
 
 class _Site(NamedTuple):

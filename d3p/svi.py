@@ -10,7 +10,6 @@ deviation ``dp_scale * C`` is added before the optimiser sees the gradient.
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -25,13 +24,15 @@ from numpyro.infer import SVI, Trace_ELBO
 
 import d3p.random
 from d3p import dputil, minibatch
+from d3p._clipping import all_finite, chunked_sum, clip_and_sum, weighted_clipping
 from d3p._elbo_split import (
     SiteLayout,
     classify_sites,
     elbo_terms,
-    global_latents,
+    global_part,
     zero_examples,
 )
+from d3p._ghost import coordinatewise_support
 
 __all__ = [
     "DPSVI",
@@ -189,6 +190,14 @@ class DPSVIRunResult(NamedTuple):
     delta: float
 
 
+class _GlobalSample(NamedTuple):
+    """The step's shared sample ``v = g(params)`` of the global latents and its linear maps."""
+
+    values: dict
+    jvp: Callable  # tangent of params -> J_g t
+    vjp: Callable  # cotangent of v -> J_g^T u
+
+
 class _Budget(NamedTuple):
     """The privacy plan a :class:`DPSVI` was calibrated for."""
 
@@ -293,94 +302,6 @@ def _accounted_run(
     }
 
 
-def _dot(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    # full float32/float64 precision: reduced-precision matmuls (e.g. TF32 on GPUs) would
-    # round each clipped gradient to about 1e-3 relative error, enough to exceed C (the
-    # norms themselves are elementwise reductions, always at full precision)
-    return jnp.einsum(subscripts, a, b, precision=jax.lax.Precision.HIGHEST)
-
-
-def _clip_and_sum(
-    grads: Any, losses: jax.Array, mask: jax.Array, c: float, parts: Any = None
-) -> tuple[Any, jax.Array, jax.Array]:
-    """Clip per-example gradients (leading axis) to L2 norm ``c`` and sum the valid rows.
-
-    A row contributes nothing if it is masked out or its gradient holds NaN or infinity
-    (such valid rows are counted). ``parts``, if given, is a tree of per-example arrays
-    that a linear map sends to ``grads`` row by row; the clipping weights are then summed
-    over ``parts`` instead of ``grads`` (the map applied to the result is the clipped sum;
-    the caller must check that it is finite). Returns the weighted sum (of ``grads`` or
-    ``parts``, without the leading axis), the sum of the contributing rows' losses and
-    the count.
-    """
-    rows = mask.shape[0]
-    flat = [g.reshape(rows, -1) for g in jax.tree.leaves(grads)]
-    flat_parts = [] if parts is None else [g.reshape(rows, -1) for g in jax.tree.leaves(parts)]
-    parts = grads if parts is None else parts
-    sq_norm = sum((jnp.sum(g * g, axis=1) for g in flat), jnp.zeros(rows, losses.dtype))
-    any_bad = jnp.any(~jnp.isfinite(sq_norm))  # NaN/inf entries, or an overflowing sum
-
-    def exact_rows():
-        entries = flat + flat_parts
-        finite = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(g), 1) for g in entries])
-        peak = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(g), 1) for g in flat])
-        # huge but finite gradients overflow the sum of squares: bound the norm instead
-        bound = peak * math.sqrt(sum(g.shape[1] for g in flat))
-        return finite, jnp.where(jnp.isfinite(sq_norm), jnp.sqrt(sq_norm), bound)
-
-    def fast_rows():
-        return jnp.ones(rows, bool), jnp.sqrt(sq_norm)
-
-    finite, norm = jax.lax.cond(any_bad, exact_rows, fast_rows)
-    ok = mask & finite
-    factor = jnp.where(ok, jnp.minimum(1.0, c / norm), 0.0).astype(losses.dtype)
-
-    def weighted_sum(g):
-        # one cond per leaf: on XLA:CPU this kept W3 of benchmarks/bench_svi.py 1.8x faster
-        # than a single cond over the whole tree (which changed how the producers fused)
-        flat_g = g.reshape(rows, -1)
-        total = jax.lax.cond(
-            any_bad,
-            lambda: _dot("b,bp->p", factor, jnp.where(ok[:, None], flat_g, 0)),
-            lambda: _dot("b,bp->p", factor, flat_g),
-        )
-        return total.reshape(g.shape[1:]).astype(g.dtype)
-
-    part_sum = jax.tree.map(weighted_sum, parts)
-    loss_sum = jnp.sum(jnp.where(ok, losses, 0.0))
-    return part_sum, loss_sum, jnp.sum(mask & ~finite, dtype=jnp.int32)
-
-
-def _all_finite(tree: Any) -> jax.Array:
-    """Whether every entry of every leaf of ``tree`` is finite."""
-    return functools.reduce(
-        jnp.logical_and, [jnp.all(jnp.isfinite(t)) for t in jax.tree.leaves(tree)], True
-    )
-
-
-def _chunked_sum(chunk: Callable, xs: Any, k: int) -> Any:
-    """Sum of ``chunk(*x)`` over consecutive chunks of ``k`` rows of ``xs`` (zero-padded).
-
-    Padded rows must be masked out by ``chunk`` (``xs`` carries the mask as last entry).
-    """
-    rows = xs[-1].shape[0]
-    num_chunks = -(-rows // k)
-    pad = num_chunks * k - rows
-
-    def to_chunks(x):
-        x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
-        return x.reshape(num_chunks, k, *x.shape[1:])
-
-    xs = jax.tree.map(to_chunks, xs)
-    shapes = jax.eval_shape(chunk, *jax.tree.map(lambda x: x[0], xs))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-    def body(carry, x):
-        return jax.tree.map(jnp.add, carry, chunk(*x)), None
-
-    return jax.lax.scan(body, zeros, xs)[0]
-
-
 def _add_examples_axis(args: tuple) -> tuple:
     """(B, ...) -> (B, 1, ...): vmapping over axis 0 then yields batches of one example."""
     return tuple(None if a is None else a[:, None] for a in args)
@@ -456,10 +377,11 @@ class DPSVI:
         Keyword-only. The data-independent normaliser ``q * N`` for Poisson batches.
     chunk_size : int, optional
         Keyword-only. Compute per-example gradients ``chunk_size`` examples at a time
-        (memory ``chunk_size x number of parameters`` instead of ``batch x parameters``);
-        the result is the same up to floating-point rounding. Default: on CPU as many
-        examples as keep a chunk at about 2**20 gradient entries (the whole batch for small
-        models), on accelerators the whole batch.
+        (memory ``chunk_size x number of parameters`` instead of ``batch x parameters``;
+        less with the weighted clipping of mean-field guides, see the user guide); the
+        result is the same up to floating-point rounding. Default: on CPU as many
+        examples as keep a chunk at about 2**20 per-example entries (the whole batch for
+        small models), on accelerators the whole batch.
     **static_kwargs
         Further keyword arguments for model and guide (e.g. ``N=len(data)``), as in numpyro.
     """
@@ -613,14 +535,13 @@ class DPSVI:
         mask = mask_array
         _, jax_key, _, params, kwargs = self._step_inputs(svi_state, kwargs)
         obs_scale = svi_state.observation_scale
-        values = self._global_values(params, jax_key, args, kwargs)
+        values, global_loss = None, 0.0
+        if self._split_elbo:
+            values, global_loss = self._global_part(params, jax_key, zero_examples(args), kwargs)
         losses = jax.vmap(
             lambda ex, i: self._example_loss(params, values, jax_key, ex, kwargs, i, obs_scale)
         )(_add_examples_axis(args), jnp.arange(batch_size))
-        loss = jnp.sum(jnp.where(mask, losses, 0.0)) * (obs_scale / normaliser)
-        if self._split_elbo:
-            loss = loss + self._global_loss(params, jax_key, zero_examples(args), kwargs)
-        return loss
+        return jnp.sum(jnp.where(mask, losses, 0.0)) * (obs_scale / normaliser) + global_loss
 
     def get_epsilon(
         self,
@@ -932,21 +853,48 @@ class DPSVI:
             return fn(jax_key, *stacked)
         return jax.vmap(fn)(jax.random.split(jax_key, num_particles), *stacked)
 
-    def _global_values(
-        self, params: dict, jax_key: jax.Array, args: tuple, kwargs: dict
-    ) -> dict | None:
-        """The step's sample of the global latents, a function of the params (no data).
+    def _global_part(
+        self, params: dict, jax_key: jax.Array, zero_args: tuple, kwargs: dict
+    ) -> tuple[dict, jax.Array]:
+        """The step's sample of the global latents and ``-(log p(z_g) - log q(z_g))`` at it.
 
-        None on the generic (unsplit) path, where every example draws its own.
+        A function of the params only: ``zero_args`` is a data-free stand-in batch. The
+        sample is shared by all examples (split path only).
         """
-        if not self._split_elbo:
-            return None
         cparams = self._svi.constrain_fn(params)
-        zeros = zero_examples(args)
-        return self._particles(
-            lambda key: global_latents(self.guide, cparams, key, zeros, kwargs, self._layout),
-            jax_key,
-        )
+
+        def particle(key):
+            values, term = global_part(
+                self.model, self.guide, cparams, key, zero_args, kwargs, self._layout
+            )
+            return values, -term
+
+        values, losses = self._particles(particle, jax_key)
+        return values, jnp.mean(losses)
+
+    def _linearised_global_part(
+        self, params: dict, jax_key: jax.Array, args: tuple, kwargs: dict
+    ) -> tuple[_GlobalSample, jax.Array, Any]:
+        """The shared global sample with its linear maps, the global loss and its gradient.
+
+        One linearisation serves the products with ``J_g`` and ``J_g^T`` of the step and
+        the gradient of the global term (the guide's forward pass runs once per step).
+        """
+        zero_args = zero_examples(args)
+
+        def fn(p):
+            return self._global_part(p, jax_key, zero_args, kwargs)
+
+        (values, loss), linear = jax.linearize(fn, params)
+
+        def values_part(t):
+            return linear(t)[0]
+
+        # transposing each output's map on its own lets JAX skip the other's cotangent
+        (grads,) = jax.linear_transpose(lambda t: linear(t)[1], params)(jnp.ones_like(loss))
+        vjp = jax.linear_transpose(values_part, params)
+        sample = _GlobalSample(values, jvp=values_part, vjp=lambda u: vjp(u)[0])
+        return sample, loss, grads
 
     def _example_loss(
         self,
@@ -961,7 +909,7 @@ class DPSVI:
         """Loss of one example (a batch of one) whose gradient is clipped, per unit scale.
 
         Split path: the data terms, evaluated at ``global_values``, the step's sample of the
-        global latents (:meth:`_global_values`, shared by all examples). Generic path
+        global latents (:meth:`_global_part`, shared by all examples). Generic path
         (``global_values`` is None): the whole loss, with its own randomness.
         """
         cparams = self._svi.constrain_fn(params)
@@ -992,23 +940,10 @@ class DPSVI:
 
         return jnp.mean(self._particles(particle, jax_key, global_values)) / obs_scale
 
-    def _global_loss(
-        self, params: dict, jax_key: jax.Array, zero_args: tuple, kwargs: dict
-    ) -> jax.Array:
-        """-(log p(z_g) - log q(z_g)) of the shared global sample; sees no data."""
-        cparams = self._svi.constrain_fn(params)
-
-        def particle(key):
-            _, global_term = elbo_terms(
-                self.model, self.guide, cparams, key, zero_args, kwargs, self._layout, 0
-            )
-            return -global_term
-
-        return jnp.mean(self._particles(particle, jax_key))
-
     def _clipped_sum(
         self,
         params: dict,
+        sample: _GlobalSample | None,
         jax_key: jax.Array,
         args: tuple,
         kwargs: dict,
@@ -1018,19 +953,17 @@ class DPSVI:
         """Sum of clipped per-example gradients, loss sum and non-finite count of a batch.
 
         On the split path the data terms depend on the params directly (local latents,
-        model params) and through the shared global sample ``v = g(params)``. Per example
-        the gradients with respect to ``params`` and ``v`` are formed, and the full
-        gradient ``d_params + J_g^T d_v`` from them for its norm; the clipped sum is
-        ``sum_i w_i d_params_i + J_g^T (sum_i w_i d_v_i)`` (linearity; equal up to
-        floating-point rounding): one vector-Jacobian product per step instead of a
-        weighted sum over the longer per-example full gradients. Should that sum be
+        model params) and through the shared global sample ``v = g(params)``. The clipped
+        sum is ``sum_i w_i d_params_i + J_g^T (sum_i w_i d_v_i)`` (linearity; equal up to
+        floating-point rounding): one vector-Jacobian product per step. The norm of each
+        full gradient ``d_params + J_g^T d_v`` comes from :meth:`_weighted_clipping`
+        where the guide allows it, else from the full gradient, formed with one
+        vector-Jacobian product per example for that purpose only. Should that sum be
         non-finite although every contributing full gradient is finite (a ``d_v`` entry
         that ``J_g^T`` maps to zero, or an overflow), the step sums the clipped full
         gradients themselves instead, each of norm at most ``C``.
         """
-        values, values_vjp = jax.vjp(
-            lambda p: self._global_values(p, jax_key, args, kwargs), params
-        )
+        values = None if sample is None else sample.values
         through_global = bool(jax.tree.leaves(values))
         c = self.clipping_threshold
 
@@ -1044,38 +977,78 @@ class DPSVI:
         def full_grads(d_params, d_values):
             if not through_global:
                 return d_params
-            (through_values,) = jax.vmap(values_vjp)(d_values)
+            through_values = jax.vmap(sample.vjp)(d_values)
             return jax.tree.map(jnp.add, d_params, through_values)
 
         def linear_chunk(ex_args, index, chunk_mask):
             losses, (d_params, d_values) = per_example(params, values, ex_args, index)
             grads = full_grads(d_params, d_values)
-            return _clip_and_sum(grads, losses, chunk_mask, c, (d_params, d_values))
+            return clip_and_sum(grads, losses, chunk_mask, c, (d_params, d_values))
 
         def full_chunk(ex_args, index, chunk_mask):
             losses, (d_params, d_values) = per_example(params, values, ex_args, index)
-            return _clip_and_sum(full_grads(d_params, d_values), losses, chunk_mask, c)[0]
+            return clip_and_sum(full_grads(d_params, d_values), losses, chunk_mask, c)[0]
+
+        def over_chunks(chunk, entries_per_row):
+            k = self.chunk_size
+            if k is None and jax.default_backend() != "cpu":
+                k = mask.shape[0]
+            elif k is None:
+                k = max(1, _AUTO_CHUNK_ENTRIES // max(1, entries_per_row))
+            return chunk(*xs) if k >= mask.shape[0] else chunked_sum(chunk, xs, k)
 
         xs = (_add_examples_axis(args), jnp.arange(mask.shape[0]), mask)
-        k = self.chunk_size
-        if k is None and jax.default_backend() != "cpu":
-            k = mask.shape[0]
-        elif k is None:
-            num_params = sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(params))
-            k = max(1, _AUTO_CHUNK_ENTRIES // max(1, num_params))
-
-        def over_chunks(chunk):
-            return chunk(*xs) if k >= mask.shape[0] else _chunked_sum(chunk, xs, k)
-
-        (sum_params, sum_values), loss_sum, num_bad = over_chunks(linear_chunk)
+        num_params = sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(params))
+        weighted = self._weighted_clipping(params, sample, example, args)
+        if weighted is None:
+            (sum_params, sum_values), loss_sum, num_bad = over_chunks(linear_chunk, num_params)
+        else:
+            (sum_params, sum_values), loss_sum, num_bad = over_chunks(*weighted)
         if not through_global:
             return sum_params, loss_sum, num_bad
-        (via_values,) = values_vjp(sum_values)
-        linear = jax.tree.map(jnp.add, sum_params, via_values)
+        linear = jax.tree.map(jnp.add, sum_params, sample.vjp(sum_values))
         grad_sum = jax.lax.cond(
-            _all_finite(linear), lambda: linear, lambda: over_chunks(full_chunk)
+            all_finite(linear), lambda: linear, lambda: over_chunks(full_chunk, num_params)
         )
         return grad_sum, loss_sum, num_bad
+
+    def _weighted_clipping(
+        self,
+        params: dict,
+        sample: _GlobalSample | None,
+        example: Callable,
+        args: tuple,
+    ) -> tuple[Callable, int] | None:
+        """The per-example clipping without per-example VJPs, where the guide allows it.
+
+        For a guide whose global sample ``v = g(params)`` is coordinatewise in the params
+        (:func:`d3p._ghost.coordinatewise_support`: mean-field guides with elementwise
+        transforms), ``J_g J_g^T`` is diagonal, so the norm of the full per-example
+        gradient is a weighted norm of ``(d_params, d_v)`` with weights ``1`` and
+        ``diag(J_g J_g^T)``, provided the data terms read no parameter that ``g`` reads.
+        None when any of this does not hold (or for several particles).
+        """
+        if sample is None or self.per_example_loss.num_particles != 1:
+            return None
+        support = coordinatewise_support(sample.jvp, params)
+        if support is None:
+            return None
+        values = sample.values
+        # for coordinatewise g, J J^T 1 is diag(J J^T)
+        gram_diag = sample.jvp(sample.vjp(jax.tree.map(jnp.ones_like, values)))
+        leaves, treedef = jax.tree.flatten(params)
+        offsets = np.cumsum([0, *(math.prod(jnp.shape(leaf)) for leaf in leaves)])
+        read_by_g = [
+            bool(support[a:b].any()) for a, b in zip(offsets[:-1], offsets[1:], strict=True)
+        ]
+        return weighted_clipping(
+            lambda diff, ex, i: example(diff[0], diff[1], ex, i),
+            (params, values),
+            (jax.tree.map(jnp.ones_like, params), gram_diag),
+            (treedef.unflatten(read_by_g), jax.tree.map(lambda _: False, values)),
+            tuple(None if a is None else a[:1] for a in args),
+            self.clipping_threshold,
+        )
 
     def _noise(self, noise_key: Any, like: Any) -> Any:
         """Privacy noise N(0, (dp_scale * C)^2) per coordinate, shaped like ``like``."""
@@ -1094,8 +1067,13 @@ class DPSVI:
     ) -> tuple[DPSVIState, jax.Array]:
         new_key, jax_key, noise_key, params, kwargs = self._step_inputs(state, kwargs)
         obs_scale = state.observation_scale
+        sample = None
+        if self._split_elbo:
+            sample, global_loss, global_grads = self._linearised_global_part(
+                params, jax_key, args, kwargs
+            )
         grad_sum, loss_sum, num_bad = self._clipped_sum(
-            params, jax_key, args, kwargs, mask, obs_scale
+            params, sample, jax_key, args, kwargs, mask, obs_scale
         )
         if self.dp_scale > 0:
             grad_sum = jax.tree.map(jnp.add, grad_sum, self._noise(noise_key, grad_sum))
@@ -1104,9 +1082,6 @@ class DPSVI:
         loss = loss_sum * factor
         if self._split_elbo:
             # post-processing: data-free term added after the noise
-            global_loss, global_grads = jax.value_and_grad(self._global_loss)(
-                params, jax_key, zero_examples(args), kwargs
-            )
             grads = jax.tree.map(jnp.add, grads, global_grads)
             loss = loss + global_loss
         optim_state = self._optim_update(grads, state.optim_state)

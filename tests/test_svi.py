@@ -17,7 +17,7 @@ import numpyro.distributions as dist
 import optax
 import pytest
 from numpyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
-from numpyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
+from numpyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
 
 import d3p.random
 from d3p import dputil, minibatch
@@ -248,17 +248,39 @@ def biased_logreg_model(x, y, N=N_TOTAL):
         numpyro.sample("y", dist.Bernoulli(logits=x @ w + bias), obs=y)
 
 
-def test_clipping_through_the_global_sample():
+def spy_on_weighted_clipping(monkeypatch):
+    """Record, per traced update, whether DPSVI took the weighted clipping path."""
+    taken = []
+    original = DPSVI._weighted_clipping
+
+    def spy(self, *args):
+        result = original(self, *args)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(DPSVI, "_weighted_clipping", spy)
+    return taken
+
+
+@pytest.mark.parametrize(
+    "guide_class, weighted",
+    [(AutoDiagonalNormal, True), (AutoMultivariateNormal, False)],
+    ids=["mean-field-weighted", "full-covariance-exact"],
+)
+def test_clipping_through_the_global_sample(monkeypatch, guide_class, weighted):
     # Per-example gradients reach the guide's parameters through the shared global sample
     # and the model parameter directly. Reference, from numpyro's Trace_ELBO with DPSVI's
     # key: each example's data-term gradient is the gradient of its whole single-example
     # loss minus that of the loss with the observed site blocked (the global terms); DPSVI
     # must sum those per-unit-scale gradients clipped to C, times N / B, plus the global
-    # gradient. A NaN example must be dropped exactly as a masked one.
+    # gradient. A NaN example must be dropped exactly as a masked one. The mean-field guide
+    # takes the weighted path (norms from diag(J J^T)), the full-covariance one the exact
+    # path (one vector-Jacobian product per example).
+    taken = spy_on_weighted_clipping(monkeypatch)
     x, y = data()
     x = x.at[1].multiply(50.0)
     c = 0.05
-    guide = AutoDiagonalNormal(biased_logreg_model)
+    guide = guide_class(biased_logreg_model)
     optim = numpyro.optim.SGD(1.0)
     dpsvi = DPSVI(biased_logreg_model, guide, optim, Trace_ELBO(), c, 0.0, rng_suite=debug)
     state = dpsvi.init(debug.PRNGKey(4), x, y)
@@ -289,6 +311,52 @@ def test_clipping_through_the_global_sample():
     grad_nan, state_nan, _ = sgd_gradient(dpsvi, state, x.at[5].set(jnp.nan), y)
     assert tree_max_diff(grad_nan, expected(jnp.arange(B) != 5)) < 1e-5 * scale
     assert int(state_nan.num_nonfinite_grads) == 1
+    assert taken == [weighted, weighted]
+
+
+def bnn_model(x, y, N=N_TOTAL, hidden=6):
+    w1 = numpyro.sample("w1", dist.Normal(jnp.zeros((x.shape[1], hidden)), 1.0).to_event(2))
+    b1 = numpyro.sample("b1", dist.Normal(jnp.zeros(hidden), 1.0).to_event(1))
+    w2 = numpyro.sample("w2", dist.Normal(jnp.zeros(hidden), 1.0).to_event(1))
+    scale = numpyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    mean = jnp.tanh(x @ w1 + b1) @ w2
+    with numpyro.plate("data", N, subsample_size=x.shape[0]):
+        numpyro.sample("y", dist.Normal(mean, scale), obs=y)
+
+
+@pytest.mark.parametrize("guide_class", [AutoDiagonalNormal, AutoNormal])
+def test_weighted_clipping_takes_the_exact_paths_steps(monkeypatch, guide_class):
+    # The weighted path (per-example norms from diag(J J^T), weight matrices tapped, never
+    # materialised) against the exact path on a network with a constrained latent, an
+    # active clip, noise, padded rows and a NaN row: same keys, so the same steps up to
+    # float32 rounding (relative 1e-5 after 5 Adam steps).
+    x, y = data(n=12, seed=4)
+    y = y * 3.0 + x[:, 0]
+    x = x.at[3].set(jnp.nan)
+    mask = jnp.arange(12) != 7
+    results = []
+    for weighted in (True, False):
+        if not weighted:
+            monkeypatch.setattr(DPSVI, "_weighted_clipping", lambda *args: None)
+        dpsvi = DPSVI(
+            bnn_model,
+            guide_class(bnn_model),
+            numpyro.optim.Adam(1e-2),
+            Trace_ELBO(),
+            0.2,
+            1.0,
+            rng_suite=debug,
+            expected_batch_size=11.0,
+        )
+        state = dpsvi.init(debug.PRNGKey(6), x.at[3].set(0.0), y)
+        step = jax.jit(lambda s, dpsvi=dpsvi: dpsvi.update(s, x, y, mask=mask))
+        for _ in range(5):
+            state, loss = step(state)
+        results.append((dpsvi.get_params(state), loss, int(state.num_nonfinite_grads)))
+    (params, loss, bad), (exact_params, exact_loss, exact_bad) = results
+    assert bad == exact_bad == 5
+    assert float(loss) == pytest.approx(float(exact_loss), rel=1e-5)
+    assert tree_max_diff(params, exact_params) < 1e-5 * max(1.0, float(full_norm(exact_params)))
 
 
 def test_clipped_sum_survives_an_overflowing_shortcut():
