@@ -127,6 +127,23 @@ def chunked_sum(chunk: Callable, xs: Any, k: int) -> Any:
     return jax.lax.scan(body, zeros, xs)[0]
 
 
+def _outer_sq_norm(x: jax.Array, d: jax.Array, w: jax.Array) -> jax.Array:
+    """``sum_jk w_jk (x_bj d_bk)^2`` per row ``b``, never under-stated by underflow.
+
+    ``x`` and ``d`` are squared separately, so a tiny ``x_bj`` whose square flushes to
+    zero (XLA flushes subnormals) could hide a large product with a huge ``d_bk``. Each
+    row is therefore scaled to a largest entry of 1 first, and the most the remaining
+    flushed terms can add (each below the smallest normal float) is added back.
+    """
+    sx, sd = jnp.max(jnp.abs(x), 1), jnp.max(jnp.abs(d), 1)
+    xs = x / jnp.where(sx > 0, sx, 1)[:, None]
+    ds = d / jnp.where(sd > 0, sd, 1)[:, None]
+    tiny = jnp.finfo(w.dtype).tiny
+    flushed = w.size * tiny * jnp.maximum(1.0, jnp.max(w))
+    scaled = jnp.sum(_dot("bc,cf->bf", xs * xs, w) * ds * ds, 1) + flushed
+    return (sx * sd * jnp.sqrt(scaled)) ** 2
+
+
 def weighted_clipping(
     loss: Callable, diff: Any, weights: Any, banned: Any, example: tuple, c: float
 ) -> tuple[Callable, int] | None:
@@ -189,7 +206,7 @@ def weighted_clipping(
         for g, w in zip(flat, dense_weights, strict=True):
             sq_norm = sq_norm + jnp.sum(w * g * g, 1)
         for (x, d), w in zip(xd, ghost_weights, strict=True):
-            sq_norm = sq_norm + jnp.sum(_dot("bc,cf->bf", x * x, w) * d * d, 1)
+            sq_norm = sq_norm + _outer_sq_norm(x, d, w)
 
         def exact_rows():
             entries = flat + [e for pair in xd for e in pair]

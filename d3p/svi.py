@@ -1034,8 +1034,12 @@ class DPSVI:
         if support is None:
             return None
         values = sample.values
-        # for coordinatewise g, J J^T 1 is diag(J J^T)
-        gram_diag = sample.jvp(sample.vjp(jax.tree.map(jnp.ones_like, values)))
+        # for coordinatewise g, J J^T 1 is diag(J J^T); adding the smallest normal float
+        # keeps a subnormal (imprecise) or underflowed entry from under-stating a norm
+        gram_diag = jax.tree.map(
+            lambda a: a + jnp.finfo(a.dtype).tiny,
+            sample.jvp(sample.vjp(jax.tree.map(jnp.ones_like, values))),
+        )
         leaves, treedef = jax.tree.flatten(params)
         offsets = np.cumsum([0, *(math.prod(jnp.shape(leaf)) for leaf in leaves)])
         read_by_g = [

@@ -190,3 +190,27 @@ def test_banned_leaf_read_by_the_loss_disables_the_weighted_path():
     diff, weights, (x, y) = make_problem(mlp_loss)
     banned = {**jax.tree.map(lambda _: False, diff), "b1": True}
     assert weighted_clipping(mlp_loss, diff, weights, banned, (x[0], y[0]), 1.0) is None
+
+
+def test_tiny_inputs_with_huge_output_gradients_are_clipped():
+    # x_i = 1e-20 and y_i = 1e25: the gradient x_i delta_i of the tapped weight is about
+    # 4e5 although x_i^2 = 1e-40 flushes to zero in float32. The weighted norm must still
+    # see it: the example contributes at most C, exactly as with materialised gradients.
+    def loss(diff, example, index):
+        x, y = example
+        return jnp.sum((x @ diff["w"] - y) ** 2)
+
+    d = 3
+    diff = {"w": jnp.ones(d, jnp.float32)}
+    weights = {"w": jnp.full(d, 2.0, jnp.float32)}
+    x = jnp.full((4, 1, d), 1e-20, jnp.float32).at[0].set(1.0)
+    y = jnp.full((4, 1), 1e25, jnp.float32).at[0].set(0.0)
+    c = 1.0
+    chunk, _ = weighted_clipping(loss, diff, weights, {"w": False}, (x[0], y[0]), c)
+    mask = jnp.ones(4, bool)
+    total, _, bad = jax.jit(chunk)((x, y), jnp.arange(4), mask)
+    expected, _, _, factor = reference(loss, diff, weights, (x, y), mask, c)
+    assert int(bad) == 0 and float(jnp.max(factor[1:])) < 1e-5  # all three are clipped
+    np.testing.assert_allclose(total["w"], expected["w"], rtol=1e-5)
+    # each example's weighted norm is at most C
+    assert float(jnp.sqrt(jnp.sum(2.0 * total["w"] ** 2))) <= 4 * c * (1 + 1e-6)

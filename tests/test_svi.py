@@ -393,6 +393,28 @@ def test_clipped_sum_survives_an_overflowing_shortcut():
         assert int(state.num_nonfinite_grads) == 0
 
 
+def test_weighted_norm_survives_a_subnormal_gram_diagonal():
+    # float32, guide sample w = a * 1e-22: diag(J J^T) = 1e-44 is subnormal (about 2%
+    # off) while the per-example d_v ~ 3e19 makes the full gradient 3e-3 > C = 1e-3.
+    # The weighted norm must not under-state it: one example moves the sum by at most C.
+    jac, scale, c = 1e-22, 1e19, 1e-3
+
+    def model(x, y, N=N_TOTAL):
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+        with numpyro.plate("data", N, subsample_size=x.shape[0]):
+            numpyro.sample("y", dist.Normal(w * scale * x, 1.0), obs=y)
+
+    def guide(x, y, N=N_TOTAL):
+        numpyro.sample("w", dist.Delta(numpyro.param("a", 1.0) * jac))
+
+    x, y = jnp.ones(1), jnp.full(1, 3.0)
+    dpsvi = DPSVI(model, guide, numpyro.optim.SGD(1.0), Trace_ELBO(), c, 0.0, rng_suite=debug)
+    state = dpsvi.init(debug.PRNGKey(0), x, y)
+    grad, _, _ = sgd_gradient(dpsvi, state, x, y)
+    prior_term = jac * jac  # w * dw/da at a = 1, about 1e-44
+    assert abs(float(grad["a"]) - prior_term) <= N_TOTAL * c * (1 + 1e-6)
+
+
 def test_clip_scaled_observations():
     # clip_unscaled_observations=False: the clip applies to N * per-example gradient.
     x, y = data()
