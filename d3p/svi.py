@@ -10,6 +10,7 @@ deviation ``dp_scale * C`` is added before the optimiser sees the gradient.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -961,7 +962,8 @@ class DPSVI:
         vector-Jacobian product per example for that purpose only. Should that sum be
         non-finite although every contributing full gradient is finite (a ``d_v`` entry
         that ``J_g^T`` maps to zero, or an overflow), the step sums the clipped full
-        gradients themselves instead, each of norm at most ``C``.
+        gradients themselves instead, each of norm at most ``C`` (as it does when the
+        weighted norms cannot be trusted for this step).
         """
         values = None if sample is None else sample.values
         through_global = bool(jax.tree.leaves(values))
@@ -1000,15 +1002,19 @@ class DPSVI:
         xs = (_add_examples_axis(args), jnp.arange(mask.shape[0]), mask)
         num_params = sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(params))
         weighted = self._weighted_clipping(params, sample, example, args)
+        precise = jnp.array(True)
         if weighted is None:
             (sum_params, sum_values), loss_sum, num_bad = over_chunks(linear_chunk, num_params)
         else:
-            (sum_params, sum_values), loss_sum, num_bad = over_chunks(*weighted)
+            chunk, entries_per_row, precise = weighted
+            (sum_params, sum_values), loss_sum, num_bad = over_chunks(chunk, entries_per_row)
         if not through_global:
             return sum_params, loss_sum, num_bad
         linear = jax.tree.map(jnp.add, sum_params, sample.vjp(sum_values))
         grad_sum = jax.lax.cond(
-            all_finite(linear), lambda: linear, lambda: over_chunks(full_chunk, num_params)
+            precise & all_finite(linear),
+            lambda: linear,
+            lambda: over_chunks(full_chunk, num_params),
         )
         return grad_sum, loss_sum, num_bad
 
@@ -1018,7 +1024,7 @@ class DPSVI:
         sample: _GlobalSample | None,
         example: Callable,
         args: tuple,
-    ) -> tuple[Callable, int] | None:
+    ) -> tuple[Callable, int, jax.Array] | None:
         """The per-example clipping without per-example VJPs, where the guide allows it.
 
         For a guide whose global sample ``v = g(params)`` is coordinatewise in the params
@@ -1026,7 +1032,9 @@ class DPSVI:
         transforms), ``J_g J_g^T`` is diagonal, so the norm of the full per-example
         gradient is a weighted norm of ``(d_params, d_v)`` with weights ``1`` and
         ``diag(J_g J_g^T)``, provided the data terms read no parameter that ``g`` reads.
-        None when any of this does not hold (or for several particles).
+        Returns the chunk function and its entries per row (:func:`weighted_clipping`)
+        and whether this step's weights are precise; None when any of this does not hold
+        (or for several particles).
         """
         if sample is None or self.per_example_loss.num_particles != 1:
             return None
@@ -1034,18 +1042,21 @@ class DPSVI:
         if support is None:
             return None
         values = sample.values
-        # for coordinatewise g, J J^T 1 is diag(J J^T); adding the smallest normal float
-        # keeps a subnormal (imprecise) or underflowed entry from under-stating a norm
-        gram_diag = jax.tree.map(
-            lambda a: a + jnp.finfo(a.dtype).tiny,
-            sample.jvp(sample.vjp(jax.tree.map(jnp.ones_like, values))),
+        # for coordinatewise g, J J^T 1 is diag(J J^T)
+        gram_diag = sample.jvp(sample.vjp(jax.tree.map(jnp.ones_like, values)))
+        # an entry below the smallest normal float may have been rounded or flushed to
+        # zero, which would under-state norms: such steps take the exact path instead
+        precise = functools.reduce(
+            jnp.logical_and,
+            [jnp.all(a >= jnp.finfo(a.dtype).tiny) for a in jax.tree.leaves(gram_diag)],
+            jnp.array(True),
         )
         leaves, treedef = jax.tree.flatten(params)
         offsets = np.cumsum([0, *(math.prod(jnp.shape(leaf)) for leaf in leaves)])
         read_by_g = [
             bool(support[a:b].any()) for a, b in zip(offsets[:-1], offsets[1:], strict=True)
         ]
-        return weighted_clipping(
+        built = weighted_clipping(
             lambda diff, ex, i: example(diff[0], diff[1], ex, i),
             (params, values),
             (jax.tree.map(jnp.ones_like, params), gram_diag),
@@ -1053,6 +1064,7 @@ class DPSVI:
             tuple(None if a is None else a[:1] for a in args),
             self.clipping_threshold,
         )
+        return None if built is None else (*built, precise)
 
     def _noise(self, noise_key: Any, like: Any) -> Any:
         """Privacy noise N(0, (dp_scale * C)^2) per coordinate, shaped like ``like``."""
