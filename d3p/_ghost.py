@@ -48,9 +48,12 @@ _ELEMENTWISE = frozenset(
     "reduce_precision rem round rsqrt select_n sign sin sinh sqrt square sub tan tanh "
     "eq ne lt le gt ge and or not xor".split()
 )
-# primitives that wrap a jaxpr called on the same operands
-_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint"})
-_CUSTOM_CALLS = frozenset({"custom_jvp_call", "custom_vjp_call"})
+# primitives that wrap a jaxpr called on the same operands (custom-derivative calls are
+# judged by their primal; a linearisation has their derivative rules inlined already)
+_CALLS = frozenset(
+    {"jit", "pjit", "closed_call", "core_call", "remat2", "checkpoint"}
+    | {"custom_jvp_call", "custom_vjp_call"}
+)
 
 
 class _Unsupported(Exception):
@@ -60,7 +63,7 @@ class _Unsupported(Exception):
 def _inner(eqn: Any) -> tuple[Jaxpr, list] | None:
     """(jaxpr, consts) called by a call-like ``eqn`` on its operands, else None."""
     name = eqn.primitive.name
-    if name not in _CALLS and name not in _CUSTOM_CALLS:
+    if name not in _CALLS:
         return None
     for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
         inner = eqn.params.get(key)
