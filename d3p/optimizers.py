@@ -12,7 +12,7 @@ remembers the current parameters ``x_prev``, computes a full step
 ``x_half = x - lr / 2 * g'`` with the new gradient ``g'`` and estimates the
 local error as the mixed absolute/relative distance between the two results::
 
-    err = || (x_stepped - x_half) / max(1, |x_half|) ||_2     (over all parameters)
+    err = || (x_stepped - x_half) / max(1, |x_stepped|) ||_2     (over all parameters)
 
 The learning rate becomes ``lr * clip(sqrt(tol / err), alpha_min, alpha_max)``
 and, with ``stability_check``, the pair of steps is rejected (the parameters
@@ -85,7 +85,7 @@ def _step(x: Any, g: Any, lr: jax.Array) -> Any:
 
 def _local_error(x_full: Any, x_half: Any) -> jax.Array:
     parts = jax.tree.map(
-        lambda f, h: jnp.sum(((f - h) / jnp.maximum(1.0, jnp.abs(h))) ** 2), x_full, x_half
+        lambda f, h: jnp.sum(((f - h) / jnp.maximum(1.0, jnp.abs(f))) ** 2), x_full, x_half
     )
     return jnp.sqrt(sum(jax.tree.leaves(parts)))
 
@@ -111,7 +111,16 @@ def _odd_step(g: Any, state: ADADPState, hyper: _Hyper) -> ADADPState:
     return ADADPState(x_half, (lr * factor).astype(lr.dtype), x_stepped, x_prev)
 
 
-def _update(i: jax.Array, g: Any, state: ADADPState, hyper: _Hyper) -> ADADPState:
+def _as_state(state: Any) -> ADADPState:
+    """``state`` as an :class:`ADADPState` of arrays (d3p 0.2 code builds it by hand as a
+    plain tuple, with a Python float learning rate)."""
+    x, lr, x_stepped, x_prev = state
+    x, x_stepped, x_prev = jax.tree.map(jnp.asarray, (x, x_stepped, x_prev))
+    return ADADPState(x, jnp.asarray(lr, dtype=jnp.result_type(lr, float)), x_stepped, x_prev)
+
+
+def _update(i: jax.Array, g: Any, state: Any, hyper: _Hyper) -> ADADPState:
+    state = _as_state(state)
     return jax.lax.cond(
         i % 2 == 0,
         lambda: _even_step(g, state),
@@ -158,6 +167,7 @@ def adadp(
         return _init(x0, step_size)
 
     def update(i: jax.Array, g: Any, state: ADADPState) -> ADADPState:
+        """One step; ``state`` may also be a plain ``(x, lr, x_stepped, x_prev)`` tuple."""
         return _update(i, g, state, hyper)
 
     def get_params(state: ADADPState) -> Any:
@@ -169,8 +179,9 @@ def adadp(
 class ADADP(_NumPyroOptim):
     """ADADP as a NumPyro optimiser, for :class:`d3p.svi.DPSVI` and ``numpyro.infer.SVI``.
 
-    ``init(params)`` returns ``(0, ADADPState(x, lr, x_stepped, x_prev))`` as in d3p 0.2.
-    The parameters are those of :func:`adadp`.
+    ``init(params)`` returns ``(0, ADADPState(x, lr, x_stepped, x_prev))`` as in d3p 0.2;
+    ``update(g, state)`` also takes such a state built by hand as plain tuples, with a
+    Python float ``lr``. The parameters are those of :func:`adadp`.
     """
 
     def __init__(

@@ -10,6 +10,7 @@ into a 0-d tracer, which the predicates treat like any 0-d array (a scalar).
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable
 from types import ModuleType
@@ -52,9 +53,13 @@ def is_array(a: Any) -> bool:
 
 
 def is_scalar(x: Any) -> bool:
-    """Whether ``x`` is a single number: a Python/NumPy number or a 0-d array."""
+    """Whether ``x`` is a single number: a Python/NumPy number or an array of exactly one element.
+
+    As in d3p 0.2, the number of dimensions does not matter: arrays of shape
+    ``()``, ``(1,)`` and ``(1, 1, 1)`` are all scalars.
+    """
     if has_shape(x):
-        return len(x.shape) == 0
+        return math.prod(x.shape) == 1
     return isinstance(x, numbers.Number)
 
 
@@ -98,32 +103,33 @@ def normalize(x: Any) -> jax.Array:
     Returns
     -------
     jax.Array
-        ``x / ||x||`` along the last axis, same shape as ``x``. A scalar has no
-        axis to normalise along and becomes 1. An all-zero vector has no
-        direction and yields NaN entries (0 / 0).
+        ``x / ||x||`` along the last axis, same shape as ``x``. A scalar is its
+        own (one-element) vector: it becomes ``x / |x|``, i.e. 1 or -1. An
+        all-zero vector has no direction and yields NaN entries (0 / 0).
     """
     x = jnp.asarray(x)
     if x.ndim == 0:
-        return jnp.ones_like(x)
+        return x / jnp.abs(x)
     return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
 
 
 def map_over_secondary_dims(
     f: Callable[[jax.Array], jax.Array],
 ) -> Callable[[jax.Array], jax.Array]:
-    """Lift ``f``, mapping a vector of length ``N`` to one of length ``N``, to arrays ``(N, ...)``.
+    """Lift ``f``, reducing a vector of shape ``(a,)`` to a scalar, to arrays ``(a, b1, ..., bk)``.
 
     Parameters
     ----------
     f : callable
-        Function from a 1-d array of shape ``(N,)`` to an array of shape ``(N,)``.
+        Function from a 1-d array of shape ``(a,)`` to a scalar (e.g. :func:`jax.numpy.sum`).
 
     Returns
     -------
     callable
-        Function taking ``T`` of shape ``(N, s1, s2, ...)`` and applying ``f`` to
-        every vector ``T[:, i1, i2, ...]`` (vectorised with :func:`jax.vmap`);
-        the result has the shape of ``T``.
+        Function taking ``T`` of shape ``(a, b1, ..., bk)`` and returning the
+        array of shape ``(b1, ..., bk)`` whose entry ``[i1, ..., ik]`` is
+        ``f(T[:, i1, ..., ik])`` (vectorised with :func:`jax.vmap`); for a 1-d
+        ``T`` this is ``f(T)``.
     """
 
     def mapped(T: jax.Array) -> jax.Array:
@@ -131,7 +137,7 @@ def map_over_secondary_dims(
         if T.ndim == 0:
             raise ValueError("map_over_secondary_dims: T must have at least one dimension")
         flat = T.reshape(T.shape[0], -1)
-        return jax.vmap(f, in_axes=1, out_axes=1)(flat).reshape(T.shape)
+        return jax.vmap(f, in_axes=1)(flat).reshape(T.shape[1:])
 
     return mapped
 
@@ -144,17 +150,20 @@ def unvectorize_shape(a: Any, d: int) -> tuple[int, ...]:
     a : array_like
         The (possibly vmapped) value.
     d : int
-        Number of dimensions the value has outside ``vmap``; ``d >= a.ndim``.
+        Number of dimensions the value has outside ``vmap``, >= 0.
 
     Returns
     -------
     tuple of int
-        ``(1,) * (d - a.ndim) + a.shape``.
+        ``(1,) * (d - a.ndim) + a.shape`` if ``a`` has fewer than ``d``
+        dimensions, else ``a.shape`` unchanged.
     """
-    ndim = jnp.ndim(a)
-    if not isinstance(d, numbers.Integral) or isinstance(d, bool) or d < ndim:
-        raise ValueError(f"d must be an int >= a.ndim = {ndim}, got {d!r}")
-    return (1,) * (d - ndim) + tuple(jnp.shape(a))
+    if not isinstance(d, numbers.Integral) or isinstance(d, bool):
+        raise TypeError(f"d must be an int >= 0, got {type(d).__name__}")
+    if d < 0:
+        raise ValueError(f"d must be an int >= 0, got {d}")
+    shape = tuple(jnp.shape(a))
+    return (1,) * max(d - len(shape), 0) + shape
 
 
 def unvectorize_shape_1d(a: Any) -> tuple[int, ...]:

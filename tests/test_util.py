@@ -25,6 +25,14 @@ def _under_jit(pred, x):
         (jnp.array(2.0), False, True, False),
         (jnp.array(2, jnp.int32), False, True, True),
         (np.arange(3), True, False, True),
+        # d3p 0.2: any one-element array is a scalar, whatever its number of dimensions
+        (jnp.ones(1), True, True, False),
+        (jnp.ones((1, 1, 1, 1)), True, True, False),
+        (jnp.ones((1,), jnp.int32), True, True, True),
+        (np.ones((1, 1), np.int64), True, True, True),
+        (jnp.ones((0,), jnp.int32), True, False, True),
+        (np.int64(4), False, True, True),
+        (np.float32(4.0), False, True, False),
     ],
 )
 def test_predicates_plain_and_jit(value, array, scalar, integer):
@@ -39,13 +47,27 @@ def test_predicates_plain_and_jit(value, array, scalar, integer):
 def test_predicates_on_python_scalars():
     assert not util.is_array(3) and not util.is_array(2.5)
     assert not util.has_shape(3)
-    assert util.is_scalar(3) and util.is_scalar(2.5)
+    assert util.is_scalar(3) and util.is_scalar(2.5) and util.is_scalar(np.float64(2.5))
     assert util.is_integer(3) and not util.is_integer(2.5) and not util.is_integer(True)
     assert util.is_int_scalar(3) and not util.is_int_scalar(2.5)
     assert not util.is_scalar([1, 2]) and not util.is_scalar("a")
     # a Python scalar used inside a jitted function stays a scalar
     assert bool(jax.jit(lambda: jnp.asarray(util.is_array(2.0)))()) is False
     assert bool(jax.jit(lambda: jnp.asarray(util.is_int_scalar(2)))()) is True
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_has_shape_is_array_example_count_on_scalars(jit):
+    # a Python scalar has no shape; passed through jit it becomes a 0-d tracer, which has one
+    def facts(a):
+        return util.has_shape(a), util.is_array(a), util.example_count(a)
+
+    if jit:
+        out = jax.jit(lambda a: jnp.array(facts(a)))(2.0)
+        assert out.tolist() == [True, False, 1]
+    else:
+        assert facts(2.0) == (False, False, 1)
+        assert facts(jnp.array(2.0)) == (True, False, 1)
 
 
 def test_example_count():
@@ -63,23 +85,33 @@ def test_normalize(jit):
     x = jnp.array([[3.0, 4.0], [0.0, -2.0]])
     np.testing.assert_allclose(f(x), [[0.6, 0.8], [0.0, -1.0]], rtol=1e-6)
     np.testing.assert_allclose(f(jnp.array([1.0, 2.0, 2.0])), [1 / 3, 2 / 3, 2 / 3], rtol=1e-6)
+    # a scalar divided by its L2 norm |x|: its sign (also for a Python scalar)
     np.testing.assert_allclose(f(jnp.array(5.0)), 1.0)
-    np.testing.assert_allclose(f(jnp.array(-5.0)), 1.0)
+    np.testing.assert_allclose(f(jnp.array(-5.0)), -1.0)
+    np.testing.assert_allclose(f(-2.5), -1.0)
+    np.testing.assert_allclose(f(3.0), 1.0)
 
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_map_over_secondary_dims(jit):
-    def center(v):
-        return v - jnp.mean(v)
-
-    g = util.map_over_secondary_dims(center)
+    # f reduces a vector (a,) to a scalar; T (a, b1, b2) maps to (b1, b2)
+    g = util.map_over_secondary_dims(jnp.sum)
     g = jax.jit(g) if jit else g
     T = jnp.arange(24.0).reshape(4, 3, 2) ** 2
-    expected = T - jnp.mean(T, axis=0, keepdims=True)
-    np.testing.assert_allclose(g(T), expected, rtol=1e-6)
-    np.testing.assert_allclose(g(jnp.arange(4.0)), jnp.arange(4.0) - 1.5)
+    out = g(T)
+    assert out.shape == (3, 2)
+    np.testing.assert_allclose(out, jnp.sum(T, axis=0), rtol=1e-6)
+
+    def spread(v):
+        return jnp.max(v) - jnp.min(v)
+
+    h = util.map_over_secondary_dims(spread)
+    T = jnp.array([[1.0, 5.0, -2.0], [4.0, 0.0, 3.0]])  # (a, b1) = (2, 3)
+    np.testing.assert_allclose(h(T), [3.0, 5.0, 5.0])
+    # a 1-d T has no secondary dimensions: the result is f(T)
+    assert float(g(jnp.arange(4.0))) == 6.0
     with pytest.raises(ValueError, match="T"):
-        util.map_over_secondary_dims(center)(jnp.array(1.0))
+        g(jnp.array(1.0))
 
 
 def test_unvectorize_shape_plain_and_under_vmap():
@@ -90,6 +122,10 @@ def test_unvectorize_shape_plain_and_under_vmap():
     assert util.unvectorize_shape_3d(jnp.ones((2, 3))) == (1, 2, 3)
     assert util.unvectorize_shape_2d(2.0) == (1, 1)
     assert util.unvectorize_shape_2d(jnp.ones((5, 3))) == (5, 3)
+    # at least d dimensions already: the shape is returned unchanged (d3p 0.2)
+    assert util.unvectorize_shape(jnp.ones((2, 2)), 1) == (2, 2)
+    assert util.unvectorize_shape_1d(jnp.ones((4, 3, 2))) == (4, 3, 2)
+    assert util.unvectorize_shape(jnp.ones((2, 2)), 0) == (2, 2)
 
     # inside vmap (and jit) a row of a (N, d) matrix re-gains its leading axis
     def row_shape(row):
@@ -97,8 +133,10 @@ def test_unvectorize_shape_plain_and_under_vmap():
 
     out = jax.jit(jax.vmap(row_shape))(jnp.ones((4, 3)))
     assert out.shape == (4, 1, 3)
-    with pytest.raises(ValueError, match="d must be"):
-        util.unvectorize_shape(jnp.ones((2, 2)), 1)
+    with pytest.raises(ValueError, match="d must be an int >= 0"):
+        util.unvectorize_shape(a, -1)
+    with pytest.raises(TypeError, match="d must be an int"):
+        util.unvectorize_shape(a, 2.0)
 
 
 @pytest.mark.parametrize("axis, jit", [(0, False), (-1, True)])
