@@ -14,7 +14,9 @@ needs per-example gradients, clipping and noise.
 
 Sites are classified by tracing the model and the guide on a batch of one and a batch of two
 examples: a sample site whose value shape changes with the batch size belongs to the data
-plate (per-example), every other sample site is global.
+plate (per-example), every other sample site is global. An observed site outside the plate
+(a ``numpyro.factor`` penalty, say) is a global term when its log-density reads no data.
+Parameter sites may hold any pytree of arrays (network weights from ``numpyro.module``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.extend.core import Var
 from numpyro.handlers import replay, seed, substitute
 from numpyro.infer.util import compute_log_probs
 from numpyro.primitives import Messenger
@@ -186,7 +189,7 @@ class _Site(NamedTuple):
     """What classification needs to know about one trace site (static, no arrays)."""
 
     type: str
-    shape: tuple
+    shape: tuple  # the shapes of the value's leaves (param sites may hold pytrees)
     is_observed: bool
     scale: Any
     in_plate: bool
@@ -196,7 +199,7 @@ def _summarise(tr: dict) -> dict[str, _Site]:
     return {
         name: _Site(
             site["type"],
-            jnp.shape(site["value"]),
+            tuple(jnp.shape(leaf) for leaf in jax.tree.leaves(site["value"])),
             bool(site.get("is_observed", False)),
             site.get("scale"),
             bool(site.get("cond_indep_stack")),
@@ -270,18 +273,57 @@ def _as_static_float(scale: Any, name: str) -> float:
         ) from None
 
 
-def _observation_scale(model_summary: dict, model_local: frozenset) -> float:
+def _data_dependent(
+    model: Callable,
+    guide: Callable,
+    params: dict,
+    rng_key: jax.Array,
+    args: tuple,
+    kwargs: dict,
+    names: Sequence[str],
+) -> list[str]:
+    """Which of the model sites ``names`` have a log-density that may read the batch ``args``.
+
+    Structural and conservative (from the jaxpr, never from values): every output of an
+    equation with a data-dependent input counts as data-dependent.
+    """
+
+    def log_probs(params, rng_key, batch):
+        model_lp, _, _, _ = _run_traces(model, guide, params, rng_key, batch, kwargs, None, 0)
+        return [model_lp[name] for name in names]
+
+    batch = tuple(None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args)
+    closed = jax.make_jaxpr(log_probs)(params, rng_key, batch)
+    jaxpr = closed.jaxpr
+    num_data = len(jax.tree.leaves(batch))
+    tainted = set(jaxpr.invars[len(jaxpr.invars) - num_data :])
+    for eqn in jaxpr.eqns:
+        if any(isinstance(v, Var) and v in tainted for v in eqn.invars):
+            tainted.update(eqn.outvars)
+    return [
+        name
+        for name, v in zip(names, jaxpr.outvars, strict=True)
+        if isinstance(v, Var) and v in tainted
+    ]
+
+
+def _observation_scale(model_summary: dict, model_local: frozenset, reads_data: Callable) -> float:
     observed = {n: s for n, s in _sample_sites(model_summary).items() if s.is_observed}
-    if not observed:
-        raise ValueError("The model has no observed sample site; there is no data to protect.")
     global_obs = sorted(n for n in observed if n not in model_local)
     if global_obs:
-        raise ValueError(
-            f"Observed sites {global_obs} do not grow with the batch size, so their "
-            "likelihood does not factorise over examples and cannot be clipped per example. "
-            "Put every observation in a plate over the batch "
-            "(numpyro.plate('data', N, subsample_size=batch_size))."
-        )
+        with_data = reads_data(global_obs)
+        if with_data:
+            raise ValueError(
+                f"Observed sites {with_data} do not grow with the batch size but read the "
+                "data, so their likelihood does not factorise over examples and cannot be "
+                "clipped per example. Put every observation in a plate over the batch "
+                "(numpyro.plate('data', N, subsample_size=batch_size)); data-free factors "
+                "outside the plate are global terms, like a prior."
+            )
+        # data-free (e.g. numpyro.factor penalties on global latents): global terms
+        observed = {n: s for n, s in observed.items() if n in model_local}
+    if not observed:
+        raise ValueError("The model has no observed sample site; there is no data to protect.")
     unplated = sorted(n for n, s in observed.items() if not s.in_plate)
     if unplated:
         warnings.warn(
@@ -329,8 +371,9 @@ def classify_sites(
     Raises
     ------
     ValueError
-        Mutable state, no observed site, observed sites outside the data plate or with
-        different scales, or sites that appear only for some batch sizes.
+        Mutable state, no observed site in the data plate, observed sites outside the data
+        plate that read the data, observed sites with different scales, or sites that
+        appear only for some batch sizes.
     """
     model1, guide1 = _trace_summaries(model, guide, params, rng_key, args, kwargs, 1)
     model2, guide2 = _trace_summaries(model, guide, params, rng_key, args, kwargs, 2)
@@ -343,5 +386,9 @@ def classify_sites(
         for name, site in _sample_sites(model1).items()
         if not site.is_observed and name not in model_local and name in _sample_sites(guide1)
     )
-    scale = _observation_scale(model1, model_local)
+    scale = _observation_scale(
+        model1,
+        model_local,
+        lambda names: _data_dependent(model, guide, params, rng_key, args, kwargs, names),
+    )
     return SiteLayout(model_local, guide_local, scale, global_latents)
