@@ -741,3 +741,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+from d3p._fourier_compat import get_delta_R, get_delta_S, get_epsilon_R, get_epsilon_S  # noqa: E402, F401
