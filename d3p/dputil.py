@@ -56,6 +56,8 @@ from dp_accounting import NeighboringRelation
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from d3p import _validation
+
 __all__ = [
     "ACCOUNTANTS",
     "RELATIONS",
@@ -105,45 +107,15 @@ _MAX_LOG_STEP = math.log(4.0)
 # ---------------------------------------------------------------------------
 
 
-def _check_real(
-    name: str,
-    value: float,
-    low: float,
-    high: float,
-    *,
-    closed_low: bool = False,
-    closed_high: bool = False,
-) -> float:
-    """Return ``value`` as a float if it lies in the given interval, else raise ``ValueError``."""
-    interval = f"{'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
-    if isinstance(value, bool) or not hasattr(value, "__float__"):
-        raise TypeError(f"{name} must be a real number in {interval}, got {value!r}")
-    v = float(value)
-    above = v >= low if closed_low else v > low
-    below = v <= high if closed_high else v < high
-    if math.isnan(v) or not (above and below):
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
-    return v
-
-
 def _check_num_iter(num_iter: float) -> int:
     """Return the number of steps as an int, rounding a float up (never down)."""
-    value = _check_real("num_iter", num_iter, 1, math.inf, closed_low=True)
-    return math.ceil(value)
+    return math.ceil(_validation.real(num_iter, "num_iter", 1, math.inf, closed_low=True))
 
 
-def _check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-    return value
-
-
-def _check_count(name: str, value: int | None, needed_for: str) -> int:
+def _required_count(name: str, value: int | None, needed_for: str) -> int:
     if value is None:
         raise ValueError(f"{name} is required for {needed_for}")
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
+    return _validation.count(value, name)
 
 
 class _Setting(NamedTuple):
@@ -161,14 +133,14 @@ class _Setting(NamedTuple):
 
 def _check_run(sigma, q, num_iter, sampling, dataset_size, max_batch_size) -> _Setting:
     """Validate the description of a training run (relation and accountant not yet set)."""
-    sigma = _check_real("sigma", sigma, 0, math.inf)
-    q = _check_real("q", q, 0, 1, closed_high=True)
+    sigma = _validation.real(sigma, "sigma", 0, math.inf)
+    q = _validation.probability(q)
     num_iter = _check_num_iter(num_iter)
-    _check_choice("sampling", sampling, SAMPLINGS)
+    _validation.choice(sampling, "sampling", SAMPLINGS)
     if sampling in ("fixed_size", "truncated_poisson"):
-        dataset_size = _check_count("dataset_size", dataset_size, f"sampling={sampling!r}")
+        dataset_size = _required_count("dataset_size", dataset_size, f"sampling={sampling!r}")
     if sampling == "truncated_poisson":
-        max_batch_size = _check_count("max_batch_size", max_batch_size, "truncated_poisson")
+        max_batch_size = _required_count("max_batch_size", max_batch_size, "truncated_poisson")
     if sampling == "fixed_size" and round(q * dataset_size) < 1:
         raise ValueError(
             f"q * dataset_size must round to a batch size >= 1, got q={q!r}, "
@@ -181,8 +153,8 @@ def _check_setting(
     sigma, q, num_iter, relation, accountant, sampling, dataset_size, max_batch_size
 ) -> _Setting:
     """Validate a training run and the (relation, accountant) used to account for it."""
-    _check_choice("relation", relation, RELATIONS)
-    _check_choice("accountant", accountant, ACCOUNTANTS)
+    _validation.choice(relation, "relation", RELATIONS)
+    _validation.choice(accountant, "accountant", ACCOUNTANTS)
     run = _check_run(sigma, q, num_iter, sampling, dataset_size, max_batch_size)
     if relation not in _SUPPORTED.get((accountant, sampling), ()):
         supported = [
@@ -291,8 +263,8 @@ def pld_discretization(sigma: float, q: float) -> float:
     float
         The discretisation interval of the privacy loss (in nats).
     """
-    sigma = _check_real("sigma", sigma, 0, math.inf)
-    q = _check_real("q", q, 0, 1, closed_high=True)
+    sigma = _validation.real(sigma, "sigma", 0, math.inf)
+    q = _validation.probability(q)
     inv_var = 1.0 / sigma**2
     loss_scale = (
         1.0 / sigma if inv_var > 700 else min(q * math.sqrt(math.expm1(inv_var)), 1.0 / sigma)
@@ -396,7 +368,7 @@ def compute_epsilon(
     float
         Epsilon; ``inf`` if delta cannot be reached.
     """
-    delta = _check_real("delta", delta, 0, 1)
+    delta = _validation.real(delta, "delta", 0, 1)
     setting = _check_setting(
         sigma, q, num_iter, relation, accountant, sampling, dataset_size, max_batch_size
     )
@@ -431,7 +403,7 @@ def compute_delta(
     float
         Delta in [0, 1].
     """
-    epsilon = _check_real("epsilon", epsilon, 0, math.inf, closed_low=True)
+    epsilon = _validation.real(epsilon, "epsilon", 0, math.inf, closed_low=True)
     setting = _check_setting(
         sigma, q, num_iter, relation, accountant, sampling, dataset_size, max_batch_size
     )
@@ -554,12 +526,10 @@ def calibrate_sigma(
     num_evals : int
         The number of accountant evaluations made.
     """
-    target_eps = _check_real("target_eps", target_eps, 0, math.inf)
-    delta = _check_real("delta", delta, 0, 1)
-    tol = _check_real("tol", tol, 0, math.inf)
-    if isinstance(maxeval, bool) or int(maxeval) != maxeval or maxeval < 1:
-        raise ValueError(f"maxeval must be an integer >= 1, got {maxeval!r}")
-    maxeval = int(maxeval)
+    target_eps = _validation.real(target_eps, "target_eps", 0, math.inf)
+    delta = _validation.real(delta, "delta", 0, 1)
+    tol = _validation.real(tol, "tol", 0, math.inf)
+    maxeval = _validation.count(maxeval, "maxeval")
     start = _check_setting(1.0, q, num_iter, relation, accountant, "poisson", None, None)
     sigma = _initial_sigma(target_eps, delta, start.q, start.num_iter, relation)
 

@@ -10,7 +10,6 @@ deviation ``dp_scale * C`` is added before the optimiser sees the gradient.
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -18,14 +17,18 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import tqdm
 from jax.flatten_util import ravel_pytree
 from numpyro.infer import SVI, Trace_ELBO
 
 import d3p.random
-from d3p import dputil, minibatch
-from d3p._clipping import all_finite, chunked_sum, clip_and_sum, weighted_clipping
+from d3p import _validation, dputil, minibatch
+from d3p._clipping import (
+    GlobalSample,
+    add_examples_axis,
+    clipped_sum,
+    linearised_global_sample,
+)
 from d3p._elbo_split import (
     SiteLayout,
     classify_sites,
@@ -33,7 +36,6 @@ from d3p._elbo_split import (
     global_part,
     zero_examples,
 )
-from d3p._ghost import coordinatewise_support
 
 __all__ = [
     "DPSVI",
@@ -48,12 +50,6 @@ __all__ = [
 # ``DPSVI.init``. Steps derive their keys with ``rng_suite.split(key, 3)``; this constant is far
 # from any split index, so initialisation randomness never coincides with noise randomness.
 _INIT_STREAM = 0x7FFFFFFF
-
-# Default number of per-example gradient entries (rows x parameters) computed at once on CPU.
-# Chunks of about 4 MiB (float32) stay in cache: 2-4x faster than one large batch for a
-# 10,000-parameter model. On GPUs the sequential chunks were slower, so the default there is
-# the whole batch.
-_AUTO_CHUNK_ENTRIES = 2**20
 
 # Structural batch sizes ``DPSVI.run`` tries when none is given: quantiles of the Poisson batch
 # size (truncation probability per step 1e-6, 1e-9, ...). The first is used unless the run has a
@@ -87,19 +83,6 @@ def full_norm(tree: Any, ord: int | float = 2) -> jax.Array:
     return jnp.linalg.norm(jnp.concatenate(leaves), ord=ord)
 
 
-def _check_threshold(c: Any, name: str, allow_inf: bool) -> None:
-    """Raise ``ValueError`` unless a concrete ``c`` is positive (and finite if required)."""
-    try:
-        value = float(c)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        if isinstance(c, jax.Array):
-            return  # traced under jit: cannot be checked here
-        raise TypeError(f"{name} must be a number, got {type(c).__name__}") from None
-    if not value > 0 or (not allow_inf and not math.isfinite(value)):
-        allowed = "(0, inf]" if allow_inf else "(0, inf)"
-        raise ValueError(f"{name} must be in {allowed}, got {c}")
-
-
 def clip_gradient(tree: Any, c: float) -> Any:
     """Scale ``tree`` so that its :func:`full_norm` is at most ``c``.
 
@@ -123,7 +106,8 @@ def clip_gradient(tree: Any, c: float) -> Any:
     ValueError
         If ``c <= 0`` or ``c`` is NaN.
     """
-    _check_threshold(c, "c", allow_inf=True)
+    if not isinstance(c, jax.core.Tracer):  # a traced c (under jit) cannot be checked
+        _validation.real(c, "c", 0.0, math.inf, closed_high=True)
     norm = full_norm(tree)
     factor = jnp.where(norm > c, c / norm, 1.0)
     return jax.tree.map(lambda x: (x * factor).astype(jnp.result_type(x)), tree)
@@ -191,14 +175,6 @@ class DPSVIRunResult(NamedTuple):
     delta: float
 
 
-class _GlobalSample(NamedTuple):
-    """The step's shared sample ``v = g(params)`` of the global latents and its linear maps."""
-
-    values: dict
-    jvp: Callable  # tangent of params -> J_g t
-    vjp: Callable  # cotangent of v -> J_g^T u
-
-
 class _Budget(NamedTuple):
     """The privacy plan a :class:`DPSVI` was calibrated for."""
 
@@ -208,71 +184,12 @@ class _Budget(NamedTuple):
     num_steps: int
 
 
-# --------------------------------------------------------------------------------------------
-# Argument checks
-# --------------------------------------------------------------------------------------------
-
-
-def _check_nonnegative_finite(value: Any, name: str) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return value
-
-
-def _check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
-
-
-def _check_batch(args: tuple) -> tuple[tuple, int]:
-    """Convert the positional data arguments to arrays and return them with the batch size."""
-    if not args:
-        raise ValueError("DPSVI needs at least one positional data argument (the batch).")
-    out, sizes = [], {}
-    for i, a in enumerate(args):
-        if a is None:
-            out.append(None)
-            continue
-        a = jnp.asarray(a)
-        if a.ndim == 0:
-            raise ValueError(
-                f"positional argument {i} is a scalar; every positional argument of the model "
-                "must be a batch array whose first axis indexes examples (pass public "
-                "constants as keyword arguments)"
-            )
-        sizes[i] = a.shape[0]
-        out.append(a)
-    if not sizes:
-        raise ValueError("all positional data arguments are None; there is no batch.")
-    if len(set(sizes.values())) > 1:
-        raise ValueError(f"batch arrays have different lengths (first axis): {sizes}")
-    return tuple(out), next(iter(sizes.values()))
-
-
-def _check_mask(mask: Any, batch_size: int) -> jax.Array:
-    mask = jnp.asarray(mask)
-    if mask.shape not in ((), (batch_size,)):
-        raise ValueError(f"mask must be a scalar or have shape ({batch_size},), got {mask.shape}")
-    return jnp.broadcast_to(mask.astype(bool), (batch_size,))
-
-
 def _num_iter(q: float, num_epochs: float | None, num_iter: float | None) -> float:
     if (num_epochs is None) == (num_iter is None):
         raise ValueError("give exactly one of num_epochs and num_iter")
     if num_iter is not None:
         return num_iter
-    if not 0 < q <= 1:
-        raise ValueError(f"q must be in (0, 1], got {q}")
-    if not num_epochs > 0:
-        raise ValueError(f"num_epochs must be > 0, got {num_epochs}")
-    return num_epochs / q
+    return _validation.real(num_epochs, "num_epochs", 0.0) / _validation.probability(q)
 
 
 def _accounted_run(
@@ -301,11 +218,6 @@ def _accounted_run(
         "dataset_size": dataset_size,
         "max_batch_size": size,
     }
-
-
-def _add_examples_axis(args: tuple) -> tuple:
-    """(B, ...) -> (B, 1, ...): vmapping over axis 0 then yields batches of one example."""
-    return tuple(None if a is None else a[:, None] for a in args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,15 +318,13 @@ class DPSVI:
             raise TypeError("per_example_loss must be a numpyro ELBO, e.g. Trace_ELBO()")
         if getattr(per_example_loss, "sum_sites", True) is not True:
             raise ValueError("per_example_loss must sum its sites (sum_sites=True)")
-        _check_threshold(clipping_threshold, "clipping_threshold", allow_inf=False)
-        self.clipping_threshold = float(clipping_threshold)
-        self.dp_scale = _check_nonnegative_finite(dp_scale, "dp_scale")
+        self.clipping_threshold = _validation.real(clipping_threshold, "clipping_threshold", 0.0)
+        self.dp_scale = _validation.real(dp_scale, "dp_scale", 0.0, closed_low=True)
         if expected_batch_size is not None:
-            _check_threshold(expected_batch_size, "expected_batch_size", allow_inf=False)
-            expected_batch_size = float(expected_batch_size)
+            expected_batch_size = _validation.real(expected_batch_size, "expected_batch_size", 0.0)
         self.expected_batch_size = expected_batch_size
         if chunk_size is not None:
-            chunk_size = _check_positive_int(chunk_size, "chunk_size")
+            chunk_size = _validation.count(chunk_size, "chunk_size")
         self.chunk_size = chunk_size
         for name in ("split", "convert_to_jax_rng_key", "fold_in", "hardened_normal"):
             if not callable(getattr(rng_suite, name, None)):
@@ -465,7 +375,7 @@ class DPSVI:
         -------
         DPSVIState
         """
-        args, _ = _check_batch(args)
+        args, _ = _validation.batch(args)
         init_key = self.rng_suite.convert_to_jax_rng_key(
             self.rng_suite.fold_in(rng_key, _INIT_STREAM)
         )
@@ -517,8 +427,8 @@ class DPSVI:
             The negative ELBO estimate on the batch's valid rows, normalised like the
             gradient. It is NOT differentially private: do not publish it.
         """
-        args, batch_size = _check_batch(args)
-        mask_array = _check_mask(mask, batch_size)
+        args, batch_size = _validation.batch(args)
+        mask_array = _validation.mask(mask, batch_size)
         normaliser = self._normaliser(batch_size, masked=jnp.ndim(mask) > 0)
         return self._update(svi_state, args, kwargs, mask_array, normaliser)
 
@@ -530,8 +440,8 @@ class DPSVI:
         Uses the same randomness as the next :meth:`update`. Rows with a non-finite
         gradient are included (no gradient is computed). NOT differentially private.
         """
-        args, batch_size = _check_batch(args)
-        mask_array = _check_mask(mask, batch_size)
+        args, batch_size = _validation.batch(args)
+        mask_array = _validation.mask(mask, batch_size)
         normaliser = self._normaliser(batch_size, masked=jnp.ndim(mask) > 0)
         mask = mask_array
         _, jax_key, _, params, kwargs = self._step_inputs(svi_state, kwargs)
@@ -541,7 +451,7 @@ class DPSVI:
             values, global_loss = self._global_part(params, jax_key, zero_examples(args), kwargs)
         losses = jax.vmap(
             lambda ex, i: self._example_loss(params, values, jax_key, ex, kwargs, i, obs_scale)
-        )(_add_examples_axis(args), jnp.arange(batch_size))
+        )(add_examples_axis(args), jnp.arange(batch_size))
         return jnp.sum(jnp.where(mask, losses, 0.0)) * (obs_scale / normaliser) + global_loss
 
     def get_epsilon(
@@ -631,7 +541,7 @@ class DPSVI:
         **kwargs
             The keyword-only options and static model arguments of :class:`DPSVI`.
         """
-        num_steps = _check_positive_int(num_steps, "num_steps")
+        num_steps = _validation.count(num_steps, "num_steps")
         sigma, _, _ = dputil.approximate_sigma_remove_relation(
             target_epsilon, target_delta, q, num_steps, tol=tol, force_smaller=True
         )
@@ -708,9 +618,9 @@ class DPSVI:
             ``(params, state, losses, epsilon, delta)``; ``epsilon`` is the privacy spent by
             this run (add/remove-one relation), ``losses`` are not private.
         """
-        num_steps = _check_positive_int(num_steps, "num_steps")
+        num_steps = _validation.count(num_steps, "num_steps")
         q, delta = self._plan_run(num_steps, q, delta)
-        args, n = _check_batch(args)
+        args, n = _validation.batch(args)
         if any(a is None for a in args):
             raise ValueError("DPSVI.run needs every positional argument to be a data array")
         expected = q * n
@@ -875,27 +785,12 @@ class DPSVI:
 
     def _linearised_global_part(
         self, params: dict, jax_key: jax.Array, args: tuple, kwargs: dict
-    ) -> tuple[_GlobalSample, jax.Array, Any]:
-        """The shared global sample with its linear maps, the global loss and its gradient.
-
-        One linearisation serves the products with ``J_g`` and ``J_g^T`` of the step and
-        the gradient of the global term (the guide's forward pass runs once per step).
-        """
+    ) -> tuple[GlobalSample, jax.Array, Any]:
+        """The shared global sample with its linear maps, the global loss and its gradient."""
         zero_args = zero_examples(args)
-
-        def fn(p):
-            return self._global_part(p, jax_key, zero_args, kwargs)
-
-        (values, loss), linear = jax.linearize(fn, params)
-
-        def values_part(t):
-            return linear(t)[0]
-
-        # transposing each output's map on its own lets JAX skip the other's cotangent
-        (grads,) = jax.linear_transpose(lambda t: linear(t)[1], params)(jnp.ones_like(loss))
-        vjp = jax.linear_transpose(values_part, params)
-        sample = _GlobalSample(values, jvp=values_part, vjp=lambda u: vjp(u)[0])
-        return sample, loss, grads
+        return linearised_global_sample(
+            lambda p: self._global_part(p, jax_key, zero_args, kwargs), params
+        )
 
     def _example_loss(
         self,
@@ -941,131 +836,6 @@ class DPSVI:
 
         return jnp.mean(self._particles(particle, jax_key, global_values)) / obs_scale
 
-    def _clipped_sum(
-        self,
-        params: dict,
-        sample: _GlobalSample | None,
-        jax_key: jax.Array,
-        args: tuple,
-        kwargs: dict,
-        mask: jax.Array,
-        obs_scale: jax.Array,
-    ) -> tuple[Any, jax.Array, jax.Array]:
-        """Sum of clipped per-example gradients, loss sum and non-finite count of a batch.
-
-        On the split path the data terms depend on the params directly (local latents,
-        model params) and through the shared global sample ``v = g(params)``. The clipped
-        sum is ``sum_i w_i d_params_i + J_g^T (sum_i w_i d_v_i)`` (linearity; equal up to
-        floating-point rounding): one vector-Jacobian product per step. The norm of each
-        full gradient ``d_params + J_g^T d_v`` comes from :meth:`_weighted_clipping`
-        where the guide allows it, else from the full gradient, formed with one
-        vector-Jacobian product per example for that purpose only. Should that sum be
-        non-finite although every contributing full gradient is finite (a ``d_v`` entry
-        that ``J_g^T`` maps to zero, or an overflow), the step sums the clipped full
-        gradients themselves instead, each of norm at most ``C`` (as it does when the
-        weighted norms cannot be trusted for this step).
-        """
-        values = None if sample is None else sample.values
-        through_global = bool(jax.tree.leaves(values))
-        c = self.clipping_threshold
-
-        def example(p, v, ex, i):
-            return self._example_loss(p, v, jax_key, ex, kwargs, i, obs_scale)
-
-        per_example = jax.vmap(
-            jax.value_and_grad(example, argnums=(0, 1)), in_axes=(None, None, 0, 0)
-        )
-
-        def full_grads(d_params, d_values):
-            if not through_global:
-                return d_params
-            through_values = jax.vmap(sample.vjp)(d_values)
-            return jax.tree.map(jnp.add, d_params, through_values)
-
-        def linear_chunk(ex_args, index, chunk_mask):
-            losses, (d_params, d_values) = per_example(params, values, ex_args, index)
-            grads = full_grads(d_params, d_values)
-            return clip_and_sum(grads, losses, chunk_mask, c, (d_params, d_values))
-
-        def full_chunk(ex_args, index, chunk_mask):
-            losses, (d_params, d_values) = per_example(params, values, ex_args, index)
-            return clip_and_sum(full_grads(d_params, d_values), losses, chunk_mask, c)[0]
-
-        def over_chunks(chunk, entries_per_row):
-            k = self.chunk_size
-            if k is None and jax.default_backend() != "cpu":
-                k = mask.shape[0]
-            elif k is None:
-                k = max(1, _AUTO_CHUNK_ENTRIES // max(1, entries_per_row))
-            return chunk(*xs) if k >= mask.shape[0] else chunked_sum(chunk, xs, k)
-
-        xs = (_add_examples_axis(args), jnp.arange(mask.shape[0]), mask)
-        num_params = sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(params))
-        weighted = self._weighted_clipping(params, sample, example, args)
-        precise = jnp.array(True)
-        if weighted is None:
-            (sum_params, sum_values), loss_sum, num_bad = over_chunks(linear_chunk, num_params)
-        else:
-            chunk, entries_per_row, precise = weighted
-            (sum_params, sum_values), loss_sum, num_bad = over_chunks(chunk, entries_per_row)
-        if not through_global:
-            return sum_params, loss_sum, num_bad
-        linear = jax.tree.map(jnp.add, sum_params, sample.vjp(sum_values))
-        grad_sum = jax.lax.cond(
-            precise & all_finite(linear),
-            lambda: linear,
-            lambda: over_chunks(full_chunk, num_params),
-        )
-        return grad_sum, loss_sum, num_bad
-
-    def _weighted_clipping(
-        self,
-        params: dict,
-        sample: _GlobalSample | None,
-        example: Callable,
-        args: tuple,
-    ) -> tuple[Callable, int, jax.Array] | None:
-        """The per-example clipping without per-example VJPs, where the guide allows it.
-
-        For a guide whose global sample ``v = g(params)`` is coordinatewise in the params
-        (:func:`d3p._ghost.coordinatewise_support`: mean-field guides with elementwise
-        transforms), ``J_g J_g^T`` is diagonal, so the norm of the full per-example
-        gradient is a weighted norm of ``(d_params, d_v)`` with weights ``1`` and
-        ``diag(J_g J_g^T)``, provided the data terms read no parameter that ``g`` reads.
-        Returns the chunk function and its entries per row (:func:`weighted_clipping`)
-        and whether this step's weights are precise; None when any of this does not hold
-        (or for several particles).
-        """
-        if sample is None or self.per_example_loss.num_particles != 1:
-            return None
-        support = coordinatewise_support(sample.jvp, params)
-        if support is None:
-            return None
-        values = sample.values
-        # for coordinatewise g, J J^T 1 is diag(J J^T)
-        gram_diag = sample.jvp(sample.vjp(jax.tree.map(jnp.ones_like, values)))
-        # an entry below the smallest normal float may have been rounded or flushed to
-        # zero, which would under-state norms: such steps take the exact path instead
-        precise = functools.reduce(
-            jnp.logical_and,
-            [jnp.all(a >= jnp.finfo(a.dtype).tiny) for a in jax.tree.leaves(gram_diag)],
-            jnp.array(True),
-        )
-        leaves, treedef = jax.tree.flatten(params)
-        offsets = np.cumsum([0, *(math.prod(jnp.shape(leaf)) for leaf in leaves)])
-        read_by_g = [
-            bool(support[a:b].any()) for a, b in zip(offsets[:-1], offsets[1:], strict=True)
-        ]
-        built = weighted_clipping(
-            lambda diff, ex, i: example(diff[0], diff[1], ex, i),
-            (params, values),
-            (jax.tree.map(jnp.ones_like, params), gram_diag),
-            (treedef.unflatten(read_by_g), jax.tree.map(lambda _: False, values)),
-            tuple(None if a is None else a[:1] for a in args),
-            self.clipping_threshold,
-        )
-        return None if built is None else (*built, precise)
-
     def _noise(self, noise_key: Any, like: Any) -> Any:
         """Privacy noise N(0, (dp_scale * C)^2) per coordinate, shaped like ``like``."""
         flat, unravel = ravel_pytree(like)
@@ -1088,8 +858,19 @@ class DPSVI:
             sample, global_loss, global_grads = self._linearised_global_part(
                 params, jax_key, args, kwargs
             )
-        grad_sum, loss_sum, num_bad = self._clipped_sum(
-            params, sample, jax_key, args, kwargs, mask, obs_scale
+
+        def example(p, v, ex, i):
+            return self._example_loss(p, v, jax_key, ex, kwargs, i, obs_scale)
+
+        grad_sum, loss_sum, num_bad = clipped_sum(
+            example,
+            params,
+            sample,
+            args,
+            mask,
+            self.clipping_threshold,
+            self.chunk_size,
+            weighted=self.per_example_loss.num_particles == 1,
         )
         if self.dp_scale > 0:
             grad_sum = jax.tree.map(jnp.add, grad_sum, self._noise(noise_key, grad_sum))

@@ -20,7 +20,7 @@ from numpyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from numpyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
 
 import d3p.random
-from d3p import dputil, minibatch
+from d3p import _clipping, dputil, minibatch
 from d3p._elbo_split import classify_sites
 from d3p.svi import DPSVI, DPSVIState, clip_gradient, full_norm, normalize_gradient
 
@@ -249,16 +249,16 @@ def biased_logreg_model(x, y, N=N_TOTAL):
 
 
 def spy_on_weighted_clipping(monkeypatch):
-    """Record, per traced update, whether DPSVI took the weighted clipping path."""
+    """Record, per traced update, whether the clipping engine took the weighted path."""
     taken = []
-    original = DPSVI._weighted_clipping
+    original = _clipping.weighted_global_clipping
 
-    def spy(self, *args):
-        result = original(self, *args)
+    def spy(*args):
+        result = original(*args)
         taken.append(result is not None)
         return result
 
-    monkeypatch.setattr(DPSVI, "_weighted_clipping", spy)
+    monkeypatch.setattr(_clipping, "weighted_global_clipping", spy)
     return taken
 
 
@@ -337,7 +337,7 @@ def test_weighted_clipping_takes_the_exact_paths_steps(monkeypatch, guide_class)
     results = []
     for weighted in (True, False):
         if not weighted:
-            monkeypatch.setattr(DPSVI, "_weighted_clipping", lambda *args: None)
+            monkeypatch.setattr(_clipping, "weighted_global_clipping", lambda *args: None)
         dpsvi = DPSVI(
             bnn_model,
             guide_class(bnn_model),

@@ -1,0 +1,108 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: © 2026 d3p developers
+"""Argument checks shared by d3p's modules (raised before any work is done).
+
+Each check returns the value converted to its canonical type, or raises ``TypeError`` (not
+a number / not an integer) or ``ValueError`` (out of range) with a message that names the
+argument and the allowed range.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["batch", "choice", "count", "mask", "probability", "real"]
+
+
+def _interval(low: float, high: float, closed_low: bool, closed_high: bool) -> str:
+    return f"{'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
+
+
+def real(
+    value: Any,
+    name: str,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    closed_low: bool = False,
+    closed_high: bool = False,
+) -> float:
+    """``value`` as a float if it lies in the interval from ``low`` to ``high``.
+
+    The ends are excluded unless ``closed_low``/``closed_high``; NaN is never allowed.
+    """
+    interval = _interval(low, high, closed_low, closed_high)
+    if isinstance(value, bool) or not hasattr(value, "__float__"):
+        raise TypeError(f"{name} must be a real number in {interval}, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number in {interval}, got {value!r}") from None
+    above = v >= low if closed_low else v > low
+    below = v <= high if closed_high else v < high
+    if math.isnan(v) or not (above and below):
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return v
+
+
+def probability(value: Any, name: str = "q") -> float:
+    """A sampling probability in (0, 1]."""
+    return real(value, name, 0.0, 1.0, closed_high=True)
+
+
+def count(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` as an int if it is a whole number ``>= minimum`` (``100.0`` is accepted)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if not (math.isfinite(value) and int(value) == value and value >= minimum):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def choice(value: Any, name: str, allowed: Sequence[str]) -> str:
+    """One of the strings ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    return value
+
+
+def batch(args: tuple) -> tuple[tuple, int]:
+    """The positional data arguments as arrays (``None`` kept) and their common length.
+
+    Every array is a batch whose first axis indexes examples.
+    """
+    if not args:
+        raise ValueError("DPSVI needs at least one positional data argument (the batch).")
+    out, sizes = [], {}
+    for i, a in enumerate(args):
+        if a is None:
+            out.append(None)
+            continue
+        a = jnp.asarray(a)
+        if a.ndim == 0:
+            raise ValueError(
+                f"positional argument {i} is a scalar; every positional argument of the model "
+                "must be a batch array whose first axis indexes examples (pass public "
+                "constants as keyword arguments)"
+            )
+        sizes[i] = a.shape[0]
+        out.append(a)
+    if not sizes:
+        raise ValueError("all positional data arguments are None; there is no batch.")
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"batch arrays have different lengths (first axis): {sizes}")
+    return tuple(out), next(iter(sizes.values()))
+
+
+def mask(value: Any, batch_size: int) -> jax.Array:
+    """A bool mask of shape ``(batch_size,)`` from a scalar or such an array."""
+    value = jnp.asarray(value)
+    if value.shape not in ((), (batch_size,)):
+        raise ValueError(f"mask must be a scalar or have shape ({batch_size},), got {value.shape}")
+    return jnp.broadcast_to(value.astype(bool), (batch_size,))
