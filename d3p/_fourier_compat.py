@@ -16,12 +16,7 @@ from __future__ import annotations
 
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
-
-def _check_real(*args, **kwargs):
-    from d3p import dputil
-
-    return dputil._check_real(*args, **kwargs)
-
+from d3p import _validation
 
 __all__ = ["get_delta_R", "get_delta_S", "get_epsilon_R", "get_epsilon_S"]
 
@@ -29,11 +24,11 @@ __all__ = ["get_delta_R", "get_delta_S", "get_epsilon_R", "get_epsilon_S"]
 def _pld(sigma, q, ncomp, nx, L, relation):
     from d3p import dputil  # imported here: d3p.dputil re-exports this module
 
-    sigma = dputil._check_real("sigma", sigma, 0, float("inf"))
-    q = dputil._check_real("q", q, 0, 1, closed_high=True)
-    ncomp = dputil._check_real("ncomp", ncomp, 1, float("inf"), closed_low=True)
-    nx = dputil._check_real("nx", nx, 0, float("inf"))
-    L = dputil._check_real("L", L, 0, float("inf"))
+    sigma = _validation.real(sigma, "sigma", 0, float("inf"))
+    q = _validation.real(q, "q", 0, 1, closed_high=True)
+    ncomp = _validation.real(ncomp, "ncomp", 1, float("inf"), closed_low=True)
+    nx = _validation.real(nx, "nx", 0, float("inf"))
+    L = _validation.real(L, "L", 0, float("inf"))
     step = pld_lib.from_gaussian_mechanism(
         sigma,
         value_discretization_interval=2 * L / nx,
@@ -47,7 +42,7 @@ def get_epsilon_R(
     target_delta: float, sigma: float, q: float, ncomp: float, nx: float = 1e6, L: float = 20.0
 ) -> float:
     """Epsilon at ``target_delta`` in (0, 1), add/remove relation (``ncomp`` rounded up)."""
-    target_delta = _check_real("target_delta", target_delta, 0, 1)
+    target_delta = _validation.real(target_delta, "target_delta", 0, 1)
     return float(_pld(sigma, q, ncomp, nx, L, "add_remove").get_epsilon_for_delta(target_delta))
 
 
@@ -55,7 +50,7 @@ def get_epsilon_S(
     target_delta: float, sigma: float, q: float, ncomp: float, nx: float = 1e6, L: float = 20.0
 ) -> float:
     """Epsilon at ``target_delta`` in (0, 1), substitute relation (``ncomp`` rounded up)."""
-    target_delta = _check_real("target_delta", target_delta, 0, 1)
+    target_delta = _validation.real(target_delta, "target_delta", 0, 1)
     return float(_pld(sigma, q, ncomp, nx, L, "substitute").get_epsilon_for_delta(target_delta))
 
 
@@ -63,7 +58,7 @@ def get_delta_R(
     target_eps: float, sigma: float, q: float, ncomp: float, nx: float = 1e6, L: float = 20.0
 ) -> float:
     """Delta at ``target_eps`` >= 0, add/remove relation (``ncomp`` rounded up)."""
-    target_eps = _check_real("target_eps", target_eps, 0, float("inf"), closed_low=True)
+    target_eps = _validation.real(target_eps, "target_eps", 0, float("inf"), closed_low=True)
     return float(_pld(sigma, q, ncomp, nx, L, "add_remove").get_delta_for_epsilon(target_eps))
 
 
@@ -71,5 +66,5 @@ def get_delta_S(
     target_eps: float, sigma: float, q: float, ncomp: float, nx: float = 1e6, L: float = 20.0
 ) -> float:
     """Delta at ``target_eps`` >= 0, substitute relation (``ncomp`` rounded up)."""
-    target_eps = _check_real("target_eps", target_eps, 0, float("inf"), closed_low=True)
+    target_eps = _validation.real(target_eps, "target_eps", 0, float("inf"), closed_low=True)
     return float(_pld(sigma, q, ncomp, nx, L, "substitute").get_delta_for_epsilon(target_eps))
