@@ -4,7 +4,8 @@
 
 Rows: 32-bit words (``random_bits`` vs ``jax.random.bits``), standard normals
 (``normal`` vs ``jax.random.normal``) and the hardened privacy-noise sampler
-(``hardened_normal``, against ``jax.random.normal``). Each function is jitted and
+(``hardened_normal``, and d3p 0.3.0's ``hardened_normal_sum4``, against
+``jax.random.normal``). Each function is jitted and
 timed after compilation; ``ratio`` is d3p's time over the baseline's. The last row
 times small ChaCha draws in a loop with the double rounds unrolled and looped.
 """
@@ -82,6 +83,14 @@ def run(quick: bool) -> list[dict]:
             "hardened_normal vs jax.random.normal",
             n,
             jax.jit(lambda k: dr.hardened_normal(k, (n,))),
+            jax.jit(lambda k: jax.random.normal(k, (n,))),
+            key,
+            jax_key,
+        ),
+        _row(
+            "hardened_normal_sum4 (0.3.0) vs jax.random.normal",
+            n,
+            jax.jit(lambda k: dr.hardened_normal_sum4(k, (n,))),
             jax.jit(lambda k: jax.random.normal(k, (n,))),
             key,
             jax_key,

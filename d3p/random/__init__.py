@@ -52,6 +52,7 @@ __all__ = [
     "uniform",
     "normal",
     "hardened_normal",
+    "hardened_normal_sum4",
     "randint",
     "convert_to_jax_rng_key",
     "to_jax_typed_key",
@@ -267,8 +268,11 @@ def normal(key: PRNGState, shape: int | Sequence[int] = (), dtype=float) -> jax.
 def hardened_normal(key: PRNGState, shape: int | Sequence[int] = (), dtype=float) -> jax.Array:
     """Standard normal samples hardened against floating-point attacks: use for privacy noise.
 
-    Each value is ``((z1 + z2) + (z3 + z4)) / 2`` for four independent
-    :func:`normal` samples, so it has exactly unit variance.
+    Each value is ``(z1 + z2) / sqrt(2)`` for two independent normals, each made from
+    one whole random word of the dtype's width (32 bits for float32): the top bit is
+    the sign and the other 31 bits, cut to the dtype's precision, give a uniform
+    ``u`` in ``[0, 1)`` that reaches every float down to ``2**-(31 - 24)`` (not only
+    multiples of ``2**-23``), and ``zi = ±sqrt(2) * erfinv(u)``. Two words per value.
 
     *What it defends against.* A normal made by transforming one float uniform
     can only take about ``2**nmant`` distinct values, spread unevenly, so many
@@ -277,16 +281,22 @@ def hardened_normal(key: PRNGState, shape: int | Sequence[int] = (), dtype=float
     (Mironov 2012 for the Laplace case; Jin et al. 2021, arXiv 2112.05307, for
     Gaussians, breaking the noise of Opacus, TF Privacy and others). Summing
     independent draws makes essentially every float in the bulk of the
-    distribution reachable (Holohan and Braghin 2021, arXiv 2107.10138; Opacus's
-    ``secure_mode`` sums four normals for this reason), and the extra terms also
-    push the largest reachable value from about 5.4 (float32) / 8.3 (float64)
-    standard deviations up to twice that.
+    distribution reachable (Holohan and Braghin 2021, arXiv 2107.10138); here each
+    term already has ``2**32`` equally likely inputs instead of ``2**23``, so two
+    terms (``2**64`` inputs) do what four terms of 23 bits did.
 
     *What it does not do.* It is not an exact sampler: results are still rounded
     floats, and the rounding when the noise is added to a gradient is not
-    addressed. The branch-free code runs in data-independent time.
+    addressed. The largest reachable magnitude is 7.67 (float32; 11.7 for float64)
+    standard deviations, against 10.8 for :func:`hardened_normal_sum4`; the ideal
+    Gaussian puts mass 1.7e-14 beyond 7.67. The branch-free code runs in
+    data-independent time.
 
-    *Cost.* Four times the random words and transforms of :func:`normal`.
+    *Cost.* Two random words and two ``erfinv`` per value, about twice
+    :func:`normal` (see ``python -m benchmarks --only random``).
+
+    The stream differs from d3p 0.3.0's ``hardened_normal``, which is kept as
+    :func:`hardened_normal_sum4`.
 
     Parameters
     ----------
@@ -305,7 +315,35 @@ def hardened_normal(key: PRNGState, shape: int | Sequence[int] = (), dtype=float
     key = _check_key(key)
     shape = _sampling.check_shape(shape)
     dtype = _sampling.check_float_dtype(dtype, "hardened_normal")
-    return _sampling.hardened_normal(normal, key, shape, dtype)
+    return _sampling.hardened_normal(random_bits, key, shape, dtype)
+
+
+def hardened_normal_sum4(key: PRNGState, shape: int | Sequence[int] = (), dtype=float) -> jax.Array:
+    """d3p 0.3.0's hardened normals: ``((z1 + z2) + (z3 + z4)) / 2`` of four :func:`normal`.
+
+    Kept to reproduce results of d3p 0.3.0 (same seed, same stream). Exactly unit
+    variance, largest reachable magnitude 10.8 standard deviations in float32, and
+    four random words and four ``erfinv`` per value, about twice the cost of
+    :func:`hardened_normal`, which resists the same floating-point attacks.
+
+    Parameters
+    ----------
+    key : PRNGState
+        The key.
+    shape : int or sequence of int
+        Static output shape.
+    dtype : floating dtype
+        Output dtype; ``float`` means JAX's default.
+
+    Returns
+    -------
+    jax.Array
+        Array of ``shape`` and ``dtype``.
+    """
+    key = _check_key(key)
+    shape = _sampling.check_shape(shape)
+    dtype = _sampling.check_float_dtype(dtype, "hardened_normal_sum4")
+    return _sampling.hardened_normal_sum4(normal, key, shape, dtype)
 
 
 def randint(

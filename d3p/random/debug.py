@@ -40,6 +40,7 @@ __all__ = [
     "uniform",
     "normal",
     "hardened_normal",
+    "hardened_normal_sum4",
     "randint",
     "convert_to_jax_rng_key",
 ]
@@ -128,7 +129,15 @@ def hardened_normal(key: PRNGState, shape: int | Sequence[int] = (), dtype=float
     key = _check_key(key)
     shape = _sampling.check_shape(shape)
     dtype = _sampling.check_float_dtype(dtype, "hardened_normal")
-    return _sampling.hardened_normal(normal, key, shape, dtype)
+    return _sampling.hardened_normal(random_bits, key, shape, dtype)
+
+
+def hardened_normal_sum4(key: PRNGState, shape: int | Sequence[int] = (), dtype=float) -> jax.Array:
+    """Standard normals by the construction of :func:`d3p.random.hardened_normal_sum4`."""
+    key = _check_key(key)
+    shape = _sampling.check_shape(shape)
+    dtype = _sampling.check_float_dtype(dtype, "hardened_normal_sum4")
+    return _sampling.hardened_normal_sum4(normal, key, shape, dtype)
 
 
 def randint(
