@@ -28,6 +28,16 @@ Two accountants are supported:
   ``dp-accounting`` it supports Poisson sampling only under ``"add_remove"`` and
   fixed-size sampling without replacement only under ``"substitute"``.
 
+Full-batch training (``sampling="full_batch"``, every record in every step) is a plain
+Gaussian mechanism; both accountants handle it under both relations.
+
+Both accountants read the same ``DpEvent`` (:func:`training_dp_event`). Its noise
+multipliers follow dp-accounting: relative to the norm bound ``C`` inside Poisson events,
+relative to the sensitivity of the clipped sum under the relation (``C`` add/remove-one,
+``2 C`` replace-one) in a lone Gaussian and in sampling without replacement. (d3p 0.3.0
+put ``sigma`` rather than ``sigma / 2`` into the without-replacement event and so
+under-reported epsilon for fixed-size batches under ``"substitute"``.)
+
 Noise calibration (:func:`approximate_sigma_remove_relation`,
 :func:`approximate_sigma`, :func:`calibrate_sigma`) starts from the central-limit
 (Gaussian-DP) approximation of Bu et al. (2019, arXiv:1911.11607), which costs no
@@ -74,7 +84,7 @@ __all__ = [
 
 RELATIONS = ("add_remove", "substitute")
 ACCOUNTANTS = ("pld", "rdp")
-SAMPLINGS = ("poisson", "fixed_size", "truncated_poisson")
+SAMPLINGS = ("poisson", "fixed_size", "truncated_poisson", "full_batch")
 
 _NEIGHBORING_RELATION = {
     "add_remove": NeighboringRelation.ADD_OR_REMOVE_ONE,
@@ -85,8 +95,10 @@ _NEIGHBORING_RELATION = {
 _SUPPORTED = {
     ("pld", "poisson"): ("add_remove", "substitute"),
     ("pld", "truncated_poisson"): ("add_remove", "substitute"),
+    ("pld", "full_batch"): ("add_remove", "substitute"),
     ("rdp", "poisson"): ("add_remove",),
     ("rdp", "fixed_size"): ("substitute",),
+    ("rdp", "full_batch"): ("add_remove", "substitute"),
 }
 
 # PLD discretisation: the interval is this fraction of the per-step privacy-loss scale
@@ -131,11 +143,12 @@ class _Setting(NamedTuple):
     max_batch_size: int | None
 
 
-def _check_run(sigma, q, num_iter, sampling, dataset_size, max_batch_size) -> _Setting:
-    """Validate the description of a training run (relation and accountant not yet set)."""
+def _check_run(sigma, q, num_iter, relation, sampling, dataset_size, max_batch_size) -> _Setting:
+    """Validate the description of a training run (the accountant not yet set)."""
     sigma = _validation.real(sigma, "sigma", 0, math.inf)
     q = _validation.probability(q)
     num_iter = _check_num_iter(num_iter)
+    _validation.choice(relation, "relation", RELATIONS)
     _validation.choice(sampling, "sampling", SAMPLINGS)
     if sampling in ("fixed_size", "truncated_poisson"):
         dataset_size = _required_count("dataset_size", dataset_size, f"sampling={sampling!r}")
@@ -146,16 +159,22 @@ def _check_run(sigma, q, num_iter, sampling, dataset_size, max_batch_size) -> _S
             f"q * dataset_size must round to a batch size >= 1, got q={q!r}, "
             f"dataset_size={dataset_size!r}"
         )
-    return _Setting(sigma, q, num_iter, "", "", sampling, dataset_size, max_batch_size)
+    if sampling == "fixed_size" and relation != "substitute":
+        raise ValueError(
+            "sampling='fixed_size' is accounted under relation='substitute' only (the "
+            f"data-set size is public); got relation={relation!r}"
+        )
+    if sampling == "full_batch" and q != 1:
+        raise ValueError(f"sampling='full_batch' needs q=1, got q={q!r}")
+    return _Setting(sigma, q, num_iter, relation, "", sampling, dataset_size, max_batch_size)
 
 
 def _check_setting(
     sigma, q, num_iter, relation, accountant, sampling, dataset_size, max_batch_size
 ) -> _Setting:
     """Validate a training run and the (relation, accountant) used to account for it."""
-    _validation.choice(relation, "relation", RELATIONS)
     _validation.choice(accountant, "accountant", ACCOUNTANTS)
-    run = _check_run(sigma, q, num_iter, sampling, dataset_size, max_batch_size)
+    run = _check_run(sigma, q, num_iter, relation, sampling, dataset_size, max_batch_size)
     if relation not in _SUPPORTED.get((accountant, sampling), ()):
         supported = [
             f"accountant={a!r} with relation={r!r}"
@@ -168,7 +187,7 @@ def _check_setting(
             f"sampling={sampling!r} in dp-accounting; supported for this sampling: "
             + "; ".join(supported)
         )
-    return run._replace(relation=relation, accountant=accountant)
+    return run._replace(accountant=accountant)
 
 
 # ---------------------------------------------------------------------------
@@ -177,19 +196,35 @@ def _check_setting(
 
 
 def _step_event(setting: _Setting) -> dp_accounting.DpEvent:
-    gaussian = dp_accounting.GaussianDpEvent(setting.sigma)
+    """One step's DpEvent: the only description of the mechanism both accountants read.
+
+    The noise multiplier of a sampled-Gaussian event (Poisson, truncated Poisson) is
+    relative to the per-record norm bound ``C``; dp-accounting models the replacement of a
+    record inside those events. A lone ``GaussianDpEvent`` and a
+    ``SampledWithoutReplacementDpEvent`` are read relative to the sensitivity of the sum
+    under the relation: ``C`` for add/remove-one, ``2 C`` for replace-one (one clipped
+    gradient ``g`` becomes ``g'`` with ``|g - g'| <= 2 C``), hence ``sigma / 2``
+    (dp-accounting's RDP analysis of sampling without replacement, Wang, Balle and
+    Kasiviswanathan 2019, is stated for that sensitivity).
+    """
     if setting.sampling == "poisson":
-        return dp_accounting.PoissonSampledDpEvent(setting.q, gaussian)
-    if setting.sampling == "fixed_size":
-        batch_size = round(setting.q * setting.dataset_size)
-        return dp_accounting.SampledWithoutReplacementDpEvent(
-            setting.dataset_size, batch_size, gaussian
+        return dp_accounting.PoissonSampledDpEvent(
+            setting.q, dp_accounting.GaussianDpEvent(setting.sigma)
         )
-    return dp_accounting.TruncatedSubsampledGaussianDpEvent(
-        dataset_size=setting.dataset_size,
-        sampling_probability=setting.q,
-        truncated_batch_size=setting.max_batch_size,
-        noise_multiplier=setting.sigma,
+    if setting.sampling == "truncated_poisson":
+        return dp_accounting.TruncatedSubsampledGaussianDpEvent(
+            dataset_size=setting.dataset_size,
+            sampling_probability=setting.q,
+            truncated_batch_size=setting.max_batch_size,
+            noise_multiplier=setting.sigma,
+        )
+    sensitivity = 2.0 if setting.relation == "substitute" else 1.0
+    gaussian = dp_accounting.GaussianDpEvent(setting.sigma / sensitivity)
+    if setting.sampling == "full_batch":
+        return gaussian
+    batch_size = round(setting.q * setting.dataset_size)
+    return dp_accounting.SampledWithoutReplacementDpEvent(
+        setting.dataset_size, batch_size, gaussian
     )
 
 
@@ -200,11 +235,14 @@ def training_dp_event(
     sampling: str = "poisson",
     dataset_size: int | None = None,
     max_batch_size: int | None = None,
+    *,
+    relation: str = "add_remove",
 ) -> dp_accounting.DpEvent:
     """Describe a d3p training run as a ``dp_accounting`` ``DpEvent``.
 
-    Hand the result to any ``dp_accounting`` accountant, e.g.
-    ``dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(delta)``.
+    Hand the result to a ``dp_accounting`` accountant with the same neighbouring relation,
+    e.g. ``dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(delta)``.
+    :func:`compute_epsilon` reads the same event.
 
     Parameters
     ----------
@@ -220,21 +258,26 @@ def training_dp_event(
         ``"poisson"`` (``PoissonSampledDpEvent``, what ``DPSVI.run`` and
         ``d3p.minibatch.poisson_batchify_data`` do); ``"fixed_size"``
         (``SampledWithoutReplacementDpEvent`` with batch size
-        ``round(q * dataset_size)``, as ``subsample_batchify_data``); or
-        ``"truncated_poisson"`` (``TruncatedSubsampledGaussianDpEvent``: Poisson
-        sampling whose oversized batches keep ``max_batch_size`` records chosen at
-        random, as ``poisson_batchify_data(..., handle_oversized_batch="truncate")``).
+        ``round(q * dataset_size)``, as ``subsample_batchify_data``; replace-one
+        relation only); ``"truncated_poisson"`` (``TruncatedSubsampledGaussianDpEvent``:
+        Poisson sampling whose oversized batches keep ``max_batch_size`` records chosen
+        at random, as ``poisson_batchify_data(..., handle_oversized_batch="truncate")``);
+        or ``"full_batch"`` (``GaussianDpEvent``: every step uses all records, ``q=1``).
     dataset_size : int, optional
         Number of records; required for ``"fixed_size"`` and ``"truncated_poisson"``.
     max_batch_size : int, optional
         Truncation size; required for ``"truncated_poisson"``.
+    relation : str
+        ``"add_remove"`` or ``"substitute"``. A lone Gaussian and sampling without
+        replacement carry the noise multiplier relative to the relation's sensitivity
+        (``sigma / 2`` under ``"substitute"``, see the module notes).
 
     Returns
     -------
     dp_accounting.DpEvent
         ``SelfComposedDpEvent`` of one step's event, ``num_iter`` times.
     """
-    run = _check_run(sigma, q, num_iter, sampling, dataset_size, max_batch_size)
+    run = _check_run(sigma, q, num_iter, relation, sampling, dataset_size, max_batch_size)
     return dp_accounting.SelfComposedDpEvent(_step_event(run), run.num_iter)
 
 
@@ -290,29 +333,51 @@ def _self_compose(pld: pld_lib.PrivacyLossDistribution, n: int) -> pld_lib.Priva
     return composed
 
 
+def _step_pld(
+    event: dp_accounting.DpEvent, relation: NeighboringRelation, interval: float
+) -> pld_lib.PrivacyLossDistribution:
+    """The pessimistic PLD of one step's event (as dp-accounting's ``PLDAccountant``).
+
+    A lone ``GaussianDpEvent`` carries its noise multiplier relative to the sensitivity
+    under the relation (see :func:`_step_event`), which is the add/remove-one PLD of that
+    multiplier whatever the relation.
+    """
+    if isinstance(event, dp_accounting.PoissonSampledDpEvent):
+        return pld_lib.from_gaussian_mechanism(
+            event.event.noise_multiplier,
+            value_discretization_interval=interval,
+            sampling_prob=event.sampling_probability,
+            neighboring_relation=relation,
+        )
+    if isinstance(event, dp_accounting.TruncatedSubsampledGaussianDpEvent):
+        return pld_lib.from_truncated_subsampled_gaussian_mechanism(
+            dataset_size=event.dataset_size,
+            sampling_probability=event.sampling_probability,
+            truncated_batch_size=event.truncated_batch_size,
+            noise_multiplier=event.noise_multiplier,
+            value_discretization_interval=interval,
+            neighboring_relation=relation,
+        )
+    if isinstance(event, dp_accounting.GaussianDpEvent):
+        return pld_lib.from_gaussian_mechanism(
+            event.noise_multiplier, value_discretization_interval=interval
+        )
+    raise ValueError(f"the PLD accountant does not support {type(event).__name__}")
+
+
 # A composed PLD of 10^6 steps takes some MB; 8 entries cover one calibration's candidates.
 @functools.lru_cache(maxsize=8)
 def _composed_pld(setting: _Setting) -> pld_lib.PrivacyLossDistribution:
     """The pessimistic PLD of a whole training run (cached: PLDs serve any delta/epsilon)."""
     interval = pld_discretization(setting.sigma, setting.q)
     relation = _NEIGHBORING_RELATION[setting.relation]
-    if setting.sampling == "poisson":
-        step = pld_lib.from_gaussian_mechanism(
-            setting.sigma,
-            value_discretization_interval=interval,
-            sampling_prob=setting.q,
-            neighboring_relation=relation,
-        )
-    else:
-        step = pld_lib.from_truncated_subsampled_gaussian_mechanism(
-            dataset_size=setting.dataset_size,
-            sampling_probability=setting.q,
-            truncated_batch_size=setting.max_batch_size,
-            noise_multiplier=setting.sigma,
-            value_discretization_interval=interval,
-            neighboring_relation=relation,
-        )
-    return _self_compose(step, setting.num_iter)
+    event = _step_event(setting)
+    if isinstance(event, dp_accounting.GaussianDpEvent):
+        # T Gaussian steps compose exactly to one with noise multiplier sigma / sqrt(T)
+        # (as dp-accounting's PLDAccountant does), with no discretisation error per step
+        event = dp_accounting.GaussianDpEvent(event.noise_multiplier / math.sqrt(setting.num_iter))
+        return _step_pld(event, relation, interval)
+    return _self_compose(_step_pld(event, relation, interval), setting.num_iter)
 
 
 def _rdp_accountant(setting: _Setting) -> rdp_privacy_accountant.RdpAccountant:
