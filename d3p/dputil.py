@@ -554,8 +554,12 @@ def calibrate_sigma(
     tol: float = 1e-4,
     force_smaller: bool = False,
     maxeval: int = 10,
+    *,
+    sampling: str = "poisson",
+    dataset_size: int | None = None,
+    max_batch_size: int | None = None,
 ) -> tuple[float, float, int]:
-    """Find the noise multiplier sigma that gives ``target_eps`` for Poisson-sampled training.
+    """Find the noise multiplier sigma that gives ``target_eps`` for a training run.
 
     Parameters
     ----------
@@ -564,13 +568,13 @@ def calibrate_sigma(
     delta : float
         Target delta in (0, 1).
     q : float
-        Poisson sampling ratio in (0, 1].
+        Sampling ratio in (0, 1].
     num_iter : float
         Number of steps, >= 1; a float is rounded up.
     relation : str
         ``"add_remove"`` or ``"substitute"`` (see :func:`compute_epsilon`).
     accountant : str
-        ``"pld"`` or ``"rdp"`` (``"rdp"`` only with ``"add_remove"``).
+        ``"pld"`` or ``"rdp"`` (the combinations of :func:`compute_epsilon`).
     tol : float
         Tolerance on epsilon, > 0: the search stops once ``|eps - target_eps| <= tol``.
     force_smaller : bool
@@ -581,6 +585,8 @@ def calibrate_sigma(
         within them, the best sigma found (closest epsilon, respecting
         ``force_smaller``) is returned with a ``RuntimeWarning``; if no evaluated
         sigma respects ``force_smaller``, ``RuntimeError`` is raised.
+    sampling, dataset_size, max_batch_size
+        How batches are drawn, see :func:`training_dp_event` (default: Poisson).
 
     Returns
     -------
@@ -595,7 +601,9 @@ def calibrate_sigma(
     delta = _validation.real(delta, "delta", 0, 1)
     tol = _validation.real(tol, "tol", 0, math.inf)
     maxeval = _validation.count(maxeval, "maxeval")
-    start = _check_setting(1.0, q, num_iter, relation, accountant, "poisson", None, None)
+    start = _check_setting(
+        1.0, q, num_iter, relation, accountant, sampling, dataset_size, max_batch_size
+    )
     sigma = _initial_sigma(target_eps, delta, start.q, start.num_iter, relation)
 
     aim = target_eps - min(tol, target_eps) / 2 if force_smaller else target_eps

@@ -1,0 +1,272 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: © 2026 d3p developers
+"""The privacy plan: one object that owns the (epsilon, delta) guarantee of a training run.
+
+A :class:`PrivacyPlan` holds every quantity the guarantee depends on: how batches are
+sampled, the data-set size, the clipping threshold, the noise multiplier, the neighbouring
+relation, the normaliser and the number of steps. The ``DpEvent`` of the run, its epsilon
+and delta, and the batch sampler all come from the plan, so the mechanism that runs and
+the guarantee that is reported cannot drift apart: audit the plan, and you have audited
+the accounting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from types import ModuleType
+from typing import Any
+
+import dp_accounting
+import jax.numpy as jnp
+
+import d3p.random
+from d3p import _validation, dputil, minibatch
+
+__all__ = ["SAMPLINGS", "PrivacyPlan"]
+
+SAMPLINGS = ("poisson", "fixed_size", "full_batch")
+
+# Default structural batch size of Poisson batches: this quantile of the Binomial(N, q)
+# batch size (a batch is truncated in about one step in a million).
+_DEFAULT_QUANTILE = 1 - 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyPlan:
+    """Everything the differential-privacy guarantee of a DP-VI run depends on.
+
+    Each step releases ``sum of clipped per-example gradients + N(0, (sigma C)^2)``,
+    divided by the public ``normaliser``. The fields are validated (and ``q``,
+    ``batch_size`` and ``normaliser`` filled in) when the plan is built; a plan is
+    immutable, picklable, and its ``repr`` shows every privacy parameter.
+
+    Parameters
+    ----------
+    sampling : str
+        ``"poisson"``: every record joins a step's batch independently with probability
+        ``q``; a batch is an array of ``batch_size`` rows (padding masked out), and a
+        draw of more than ``batch_size`` records keeps ``batch_size`` of them chosen
+        uniformly at random (accounted as truncated Poisson sampling; no truncation
+        cost when ``batch_size >= dataset_size``). ``"fixed_size"``: ``batch_size``
+        records drawn without replacement per step (accounted under the substitute
+        relation only). ``"full_batch"``: every record in every step.
+    dataset_size : int
+        ``N``, the number of records (one per individual); public.
+    clipping_threshold : float
+        ``C`` in (0, inf): bound on the L2 norm of one example's gradient.
+    noise_multiplier : float
+        ``sigma >= 0``: the noise standard deviation on the gradient sum is ``sigma * C``.
+        ``0`` means no noise (not private: epsilon is inf).
+    num_steps : int
+        Number of update steps the plan covers, >= 1.
+    q : float, optional
+        Poisson sampling rate in (0, 1]; required for ``"poisson"``. Set to
+        ``batch_size / N`` for ``"fixed_size"`` and 1 for ``"full_batch"``.
+    batch_size : int, optional
+        ``"fixed_size"``: records per batch, in [1, N] (required). ``"poisson"``: the
+        structural batch size (default: the ``1 - 1e-6`` quantile of Binomial(N, q)).
+        ``"full_batch"``: N.
+    relation : str
+        ``"add_remove"`` (add or remove one record) or ``"substitute"`` (replace one).
+    normaliser : float, optional
+        The data-independent divisor of the noisy sum, > 0. Default: the expected
+        batch size ``q * N`` (Poisson), ``batch_size`` (fixed size) or ``N`` (full
+        batch). It scales the step but does not change the guarantee.
+    """
+
+    sampling: str
+    dataset_size: int
+    clipping_threshold: float
+    noise_multiplier: float
+    num_steps: int
+    q: float | None = None
+    batch_size: int | None = None
+    relation: str = "add_remove"
+    normaliser: float | None = None
+
+    def __post_init__(self) -> None:
+        sampling = _validation.choice(self.sampling, "sampling", SAMPLINGS)
+        n = _validation.count(self.dataset_size, "dataset_size")
+        fields = {
+            "dataset_size": n,
+            "clipping_threshold": _validation.real(
+                self.clipping_threshold, "clipping_threshold", 0, math.inf
+            ),
+            "noise_multiplier": _validation.real(
+                self.noise_multiplier, "noise_multiplier", 0, math.inf, closed_low=True
+            ),
+            "num_steps": _validation.count(self.num_steps, "num_steps"),
+            "relation": _validation.choice(self.relation, "relation", dputil.RELATIONS),
+            **_batches(sampling, n, self.q, self.batch_size),
+        }
+        if sampling == "fixed_size" and fields["relation"] != "substitute":
+            raise ValueError(
+                "sampling='fixed_size' is accounted under relation='substitute' only (the "
+                f"data-set size is public); got relation={self.relation!r}"
+            )
+        default_normaliser = float(
+            fields["q"] * n if sampling == "poisson" else fields["batch_size"]
+        )
+        fields["normaliser"] = (
+            default_normaliser
+            if self.normaliser is None
+            else _validation.real(self.normaliser, "normaliser", 0, math.inf)
+        )
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    # ---------------------------------------------------------------- accounting
+
+    def _accounting(self) -> dict:
+        """The run as :mod:`d3p.dputil` describes it (the one source of the DpEvent)."""
+        run = dict(q=self.q, num_iter=self.num_steps, relation=self.relation)
+        if self.sampling == "fixed_size":
+            return {**run, "sampling": "fixed_size", "dataset_size": self.dataset_size}
+        if self.sampling == "poisson" and self.batch_size < self.dataset_size:
+            return {
+                **run,
+                "sampling": "truncated_poisson",
+                "dataset_size": self.dataset_size,
+                "max_batch_size": self.batch_size,
+            }
+        return {**run, "sampling": "poisson" if self.sampling == "poisson" else "full_batch"}
+
+    def dp_event(self) -> dp_accounting.DpEvent:
+        """The ``dp_accounting.DpEvent`` of the whole run (``NonPrivateDpEvent`` if no noise).
+
+        Compose it in a ``dp_accounting`` accountant with :attr:`relation`'s
+        ``NeighboringRelation``; :meth:`epsilon` and :meth:`delta` read the same event.
+        """
+        if self.noise_multiplier == 0:
+            return dp_accounting.NonPrivateDpEvent()
+        return dputil.training_dp_event(self.noise_multiplier, **self._accounting())
+
+    def epsilon(self, delta: float, accountant: str = "pld") -> float:
+        """Epsilon of the whole run at ``delta`` in (0, 1) (an upper bound; inf if no noise).
+
+        ``accountant`` is ``"pld"`` or ``"rdp"``, see :func:`d3p.dputil.compute_epsilon`.
+        """
+        delta = _validation.real(delta, "delta", 0, 1)
+        if self.noise_multiplier == 0:
+            return math.inf
+        return dputil.compute_epsilon(
+            self.noise_multiplier, delta, accountant=accountant, **self._accounting()
+        )
+
+    def delta(self, epsilon: float, accountant: str = "pld") -> float:
+        """Delta of the whole run at ``epsilon >= 0`` (an upper bound; 1 if no noise)."""
+        epsilon = _validation.real(epsilon, "epsilon", 0, math.inf, closed_low=True)
+        if self.noise_multiplier == 0:
+            return 1.0
+        return dputil.compute_delta(
+            self.noise_multiplier, epsilon, accountant=accountant, **self._accounting()
+        )
+
+    def with_steps(self, num_steps: int) -> PrivacyPlan:
+        """The same plan for ``num_steps`` steps (e.g. the steps taken so far)."""
+        return dataclasses.replace(self, num_steps=num_steps)
+
+    @property
+    def gradient_noise_std(self) -> float:
+        """Standard deviation of the noise on each coordinate of the normalised gradient:
+        ``sigma * C / normaliser`` (before the observation scale)."""
+        return self.noise_multiplier * self.clipping_threshold / self.normaliser
+
+    # ---------------------------------------------------------------- sampling
+
+    def batcher(self, dataset: tuple, rng_suite: ModuleType = d3p.random) -> tuple:
+        """The batch sampler the plan is accounted for, over ``dataset``.
+
+        Parameters
+        ----------
+        dataset : tuple of array
+            Arrays whose first dimension is :attr:`dataset_size` (the records).
+        rng_suite : module
+            :mod:`d3p.random` (secure, default) or :mod:`d3p.random.debug` (not secure):
+            the source of batch membership.
+
+        Returns
+        -------
+        init : callable
+            ``init(rng_key) -> (num_batches_per_epoch, state)``.
+        get_batch : callable
+            ``get_batch(i, state) -> (batch, mask)``: step ``i``'s batch of
+            :attr:`batch_size` rows and the bool mask of its real rows.
+        """
+        arrays, n = _validation.batch(tuple(dataset))
+        if n != self.dataset_size:
+            raise ValueError(
+                f"dataset has {n} records but the plan is for dataset_size={self.dataset_size}"
+            )
+        if self.sampling == "poisson":
+            return minibatch.poisson_batchify_data(
+                arrays, self.q, self.batch_size, "truncate", rng_suite=rng_suite
+            )
+        if self.sampling == "fixed_size":
+            return minibatch.subsample_batchify_data(
+                arrays, self.batch_size, rng_suite=rng_suite, return_mask=True
+            )
+        mask = jnp.ones(n, bool)
+        return (lambda rng_key: (1, rng_key)), (lambda i, state: (arrays, mask))
+
+    # ---------------------------------------------------------------- calibration
+
+    @classmethod
+    def calibrate(
+        cls,
+        target_epsilon: float,
+        target_delta: float,
+        *,
+        accountant: str = "pld",
+        tol: float = 1e-3,
+        **fields: Any,
+    ) -> PrivacyPlan:
+        """The plan whose noise multiplier spends at most ``target_epsilon`` at ``target_delta``.
+
+        ``fields`` are the fields of :class:`PrivacyPlan` except ``noise_multiplier``.
+        The multiplier is calibrated with :func:`d3p.dputil.calibrate_sigma`
+        (``force_smaller=True``): the plan's :meth:`epsilon` lies in
+        ``[target_epsilon - tol, target_epsilon]``.
+        """
+        if "noise_multiplier" in fields:
+            raise TypeError("calibrate chooses noise_multiplier; do not pass it")
+        plan = cls(noise_multiplier=1.0, **fields)
+        run = plan._accounting()
+        sigma, _, _ = dputil.calibrate_sigma(
+            target_epsilon,
+            target_delta,
+            run.pop("q"),
+            run.pop("num_iter"),
+            run.pop("relation"),
+            accountant,
+            tol=tol,
+            force_smaller=True,
+            **run,
+        )
+        return dataclasses.replace(plan, noise_multiplier=sigma)
+
+
+def _batches(sampling: str, n: int, q: Any, batch_size: Any) -> dict:
+    """Validated ``q`` and structural ``batch_size`` of a sampling scheme over ``n`` records."""
+    if sampling == "full_batch":
+        if q not in (None, 1) or batch_size not in (None, n):
+            raise ValueError(
+                f"sampling='full_batch' uses q=1 and batch_size=dataset_size={n}; got "
+                f"q={q!r}, batch_size={batch_size!r}"
+            )
+        return {"q": 1.0, "batch_size": n}
+    if sampling == "fixed_size":
+        if batch_size is None:
+            raise ValueError("sampling='fixed_size' needs batch_size, in [1, dataset_size]")
+        size = _validation.count(batch_size, "batch_size")
+        if size > n:
+            raise ValueError(f"batch_size must be in [1, {n}] (dataset_size), got {batch_size}")
+        if q is not None and q != size / n:
+            raise ValueError(f"sampling='fixed_size' has q=batch_size/dataset_size, got q={q!r}")
+        return {"q": size / n, "batch_size": size}
+    if q is None:
+        raise ValueError("sampling='poisson' needs the sampling rate q, in (0, 1]")
+    q = _validation.probability(q)
+    size = _DEFAULT_QUANTILE if batch_size is None else _validation.count(batch_size, "batch_size")
+    return {"q": q, "batch_size": minibatch.structural_batch_size(n, q, size)}
