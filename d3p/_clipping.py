@@ -124,11 +124,19 @@ def all_finite(tree: Any) -> jax.Array:
     )
 
 
-def chunked_sum(chunk: Callable, xs: Any, k: int) -> Any:
+def chunked_sum(chunk: Callable, xs: Any, k: int, groups: int = 1) -> Any:
     """Sum of ``chunk(*x)`` over consecutive chunks of ``k`` rows of ``xs`` (zero-padded).
 
     Padded rows must be masked out by ``chunk`` (``xs`` carries the mask as last entry).
+    With ``groups > 1`` the rows are first split into that many equal consecutive groups,
+    each chunked on its own and summed at the end: when the rows are sharded across
+    ``groups`` devices, each device then sums its own rows and only the group sums are
+    reduced across devices (the rows are never gathered).
     """
+    if groups > 1:
+        split = jax.tree.map(lambda x: x.reshape(groups, -1, *x.shape[1:]), xs)
+        partial = jax.vmap(lambda x: chunked_sum(chunk, x, k))(split)
+        return jax.tree.map(lambda s: jnp.sum(s, 0, dtype=s.dtype), partial)
     rows = xs[-1].shape[0]
     num_chunks = -(-rows // k)
     pad = num_chunks * k - rows
@@ -310,6 +318,7 @@ def clipped_sum(
     c: float,
     chunk_size: int | None = None,
     weighted: bool = True,
+    groups: int = 1,
 ) -> tuple[Any, jax.Array, jax.Array]:
     """Sum of per-example gradients clipped to L2 norm ``c``, loss sum and non-finite count.
 
@@ -328,7 +337,9 @@ def clipped_sum(
 
     Rows where ``mask`` is False, or whose gradient holds NaN/inf, contribute nothing; the
     latter (valid rows) are counted. ``chunk_size`` rows are computed at a time (None: on
-    CPU about 2**20 per-example entries per chunk, elsewhere the whole batch).
+    CPU about 2**20 per-example entries per chunk, elsewhere the whole batch). ``groups``
+    (dividing the batch size) is the number of devices the rows are sharded across: chunks
+    are then formed within each device's rows (:func:`chunked_sum`).
     """
     values = None if sample is None else sample.values
     through_global = bool(jax.tree.leaves(values))
@@ -350,12 +361,13 @@ def clipped_sum(
         return clip_and_sum(full_grads(d_params, d_values), losses, chunk_mask, c)[0]
 
     def over_chunks(chunk, entries_per_row):
+        rows = mask.shape[0] // groups
         k = chunk_size
         if k is None and jax.default_backend() != "cpu":
-            k = mask.shape[0]
+            k = rows
         elif k is None:
             k = max(1, _AUTO_CHUNK_ENTRIES // max(1, entries_per_row))
-        return chunk(*xs) if k >= mask.shape[0] else chunked_sum(chunk, xs, k)
+        return chunk(*xs) if k >= rows else chunked_sum(chunk, xs, k, groups)
 
     xs = (add_examples_axis(args), jnp.arange(mask.shape[0]), mask)
     num_params = sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(params))

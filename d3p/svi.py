@@ -10,6 +10,7 @@ deviation ``dp_scale * C`` is added before the optimiser sees the gradient.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from jax.flatten_util import ravel_pytree
 from numpyro.infer import SVI, Trace_ELBO
 
 import d3p.random
-from d3p import _validation, dputil, minibatch
+from d3p import _sharding, _validation, dputil, minibatch
 from d3p._clipping import (
     GlobalSample,
     add_examples_axis,
@@ -428,6 +429,7 @@ class DPSVI:
             gradient. It is NOT differentially private: do not publish it.
         """
         args, batch_size = _validation.batch(args)
+        _sharding.check_divisible(batch_size, _sharding.context_shards())
         mask_array = _validation.mask(mask, batch_size)
         normaliser = self._normaliser(batch_size, masked=jnp.ndim(mask) > 0)
         return self._update(svi_state, args, kwargs, mask_array, normaliser)
@@ -570,6 +572,7 @@ class DPSVI:
         progress_bar: bool = True,
         init_state: DPSVIState | None = None,
         init_params: dict | None = None,
+        mesh: jax.sharding.Mesh | None = None,
         **kwargs: Any,
     ) -> DPSVIRunResult:
         """Train for ``num_steps`` private steps on Poisson-sampled minibatches of ``args``.
@@ -609,6 +612,13 @@ class DPSVI:
             Continue from this state instead of initialising.
         init_params : dict, optional
             Initial constrained values of ``numpyro.param`` sites.
+        mesh : jax.sharding.Mesh, optional
+            Run on the devices of ``mesh`` (several processes too, after
+            :func:`jax.distributed.initialize`): each batch, padded with masked-out rows to
+            a multiple of the size of the mesh axis ``"data"``, is split along it; the data,
+            the state, the keys and the noise are replicated (one noise draw per step, as on
+            one device). Same key, same result as without a mesh up to summation order, and
+            the same privacy accounting. Every process must pass the same arguments.
         **kwargs
             Keyword arguments of model and guide (public).
 
@@ -619,10 +629,16 @@ class DPSVI:
             this run (add/remove-one relation), ``losses`` are not private.
         """
         num_steps = _validation.count(num_steps, "num_steps")
+        shards = 1 if mesh is None else _sharding.check_mesh(mesh)
         q, delta = self._plan_run(num_steps, q, delta)
         args, n = _validation.batch(args)
         if any(a is None for a in args):
             raise ValueError("DPSVI.run needs every positional argument to be a data array")
+        in_mesh = contextlib.nullcontext()
+        if mesh is not None:
+            mesh = _sharding.auto_mesh(mesh)
+            args = _sharding.place(args, mesh)
+            in_mesh = jax.set_mesh(mesh)
         expected = q * n
         if self.expected_batch_size is not None and not math.isclose(
             self.expected_batch_size, expected
@@ -643,9 +659,13 @@ class DPSVI:
             state = self.init(svi_key, *zeros, init_params=init_params, **kwargs)
         if init_state is not None:
             state = init_state
+        if mesh is not None:
+            state, batch_state = _sharding.place((state, batch_state), mesh)
 
         def step(state, i):
             batch, mask = get_batch(i, batch_state)
+            if mesh is not None:
+                batch, mask = _sharding.shard_batch(batch, mask, shards)
             return self._update(state, batch, kwargs, mask, expected)
 
         chunk = -(-num_steps // 50) if progress_bar else num_steps
@@ -660,9 +680,9 @@ class DPSVI:
 
             return jax.lax.scan(body, state, start + jnp.arange(chunk))
 
-        loss_type = jax.eval_shape(step, state, 0)[1]
         losses = []
-        with tqdm.trange(num_steps, disable=not progress_bar) as bar:
+        with in_mesh, tqdm.trange(num_steps, disable=not progress_bar) as bar:
+            loss_type = jax.eval_shape(step, state, 0)[1]
             for start in range(0, num_steps, chunk):
                 state, chunk_losses = run_chunk(state, start)
                 losses.append(chunk_losses)
@@ -871,6 +891,7 @@ class DPSVI:
             self.clipping_threshold,
             self.chunk_size,
             weighted=self.per_example_loss.num_particles == 1,
+            groups=_sharding.context_shards(),
         )
         if self.dp_scale > 0:
             grad_sum = jax.tree.map(jnp.add, grad_sum, self._noise(noise_key, grad_sum))

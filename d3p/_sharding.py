@@ -1,0 +1,100 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: © 2026 d3p developers
+"""Running DPSVI on several devices and hosts with :mod:`jax.sharding` (used by DPSVI).
+
+The examples of a batch are split along the mesh axis named ``"data"``; everything else
+(parameters, optimiser state, keys, the privacy noise) is replicated. The computation
+stays one logical program (GSPMD): the noise is one draw from the replicated secure key,
+identical on every device, never a draw per device, so the noise of a step is
+N(0, (sigma C)^2) per coordinate whatever the number of devices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+__all__ = [
+    "DATA_AXIS",
+    "auto_mesh",
+    "check_divisible",
+    "check_mesh",
+    "context_shards",
+    "place",
+    "shard_batch",
+]
+
+DATA_AXIS = "data"
+
+
+def check_mesh(mesh: Any) -> int:
+    """The number of shards of ``mesh``'s ``"data"`` axis (devices the examples are split on)."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if DATA_AXIS not in mesh.axis_names:
+        raise ValueError(
+            f"mesh must have an axis named {DATA_AXIS!r} (the examples of a batch are split "
+            f"along it); its axes are {mesh.axis_names}"
+        )
+    return int(mesh.shape[DATA_AXIS])
+
+
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """``mesh`` with every axis of type ``Auto`` (shardings left to the XLA partitioner)."""
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * mesh.devices.ndim)
+
+
+def context_shards() -> int:
+    """Shards of the ``"data"`` axis of the mesh set by :func:`jax.set_mesh` (1 if none)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA_AXIS not in mesh.axis_names:
+        return 1
+    return int(mesh.shape[DATA_AXIS])
+
+
+def check_divisible(batch_size: int, shards: int) -> None:
+    """Refuse a batch whose rows cannot be split evenly across ``shards`` devices."""
+    if batch_size % shards:
+        raise ValueError(
+            f"the batch has {batch_size} rows, which cannot be split evenly across the "
+            f"{shards} devices of the mesh axis {DATA_AXIS!r}: pad it to a multiple of "
+            f"{shards} rows with masked-out rows (mask False)"
+        )
+
+
+def shard_batch(batch: tuple, mask: jax.Array, shards: int) -> tuple[tuple, jax.Array]:
+    """Pad a batch with masked-out zero rows to a multiple of ``shards`` rows and split its
+    rows along the ``"data"`` axis of the mesh in context (inside ``jit``).
+
+    The batch is drawn replicated (every device draws the same batch from the same key,
+    so the sampler is never split and gathered); each device then keeps its rows. Padded
+    rows are masked out, so they contribute nothing to any sum.
+    """
+    pad = -mask.shape[0] % shards
+
+    def place(x):
+        x = jax.lax.with_sharding_constraint(x, PartitionSpec())
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+        spec = PartitionSpec(DATA_AXIS, *(None,) * (x.ndim - 1))
+        return jax.lax.with_sharding_constraint(x, spec)
+
+    return tuple(place(x) for x in batch), place(mask)
+
+
+def place(tree: Any, mesh: Mesh) -> Any:
+    """Every array leaf of ``tree`` replicated on all devices of ``mesh``.
+
+    Works with several processes (:func:`jax.distributed.initialize`): each process must
+    hold the same values, which become one global array.
+    """
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
