@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["batch", "choice", "count", "mask", "probability", "real"]
+__all__ = ["batch", "choice", "count", "finite_data", "mask", "probability", "real"]
 
 
 def _interval(low: float, high: float, closed_low: bool, closed_high: bool) -> str:
@@ -98,6 +98,23 @@ def batch(args: tuple) -> tuple[tuple, int]:
     if len(set(sizes.values())) > 1:
         raise ValueError(f"batch arrays have different lengths (first axis): {sizes}")
     return tuple(out), next(iter(sizes.values()))
+
+
+def finite_data(args: tuple) -> None:
+    """Raise ``ValueError`` if a floating-point data array of ``args`` holds NaN or infinity.
+
+    The message names the positional argument and counts the entries, nothing more.
+    """
+    for i, a in enumerate(args):
+        if a is None or not jnp.issubdtype(a.dtype, jnp.inexact):
+            continue
+        bad = int(jnp.size(a) - jnp.count_nonzero(jnp.isfinite(a)))
+        if bad:
+            raise ValueError(
+                f"positional argument {i} (data) holds {bad} NaN or infinite entries; DPSVI "
+                "would drop the non-finite per-example gradients they cause (d3p 0.2 turned "
+                "the parameters into NaN). Clean the data, or pass check_finite=False."
+            )
 
 
 def mask(value: Any, batch_size: int) -> jax.Array:

@@ -268,13 +268,15 @@ class DPSVI:
     model, guide : callable
         NumPyro model and guide. Every positional argument is a batch array whose first
         axis indexes examples (one example = one individual); keyword arguments are passed
-        unchanged to every example and must not contain private data.
+        unchanged to every example and must not contain private data. ``None`` is accepted
+        here (checked in :meth:`init`), as in numpyro's SVI.
     optim : numpyro optimiser or optax.GradientTransformation
         As accepted by :class:`numpyro.infer.SVI`. It only sees the privatised gradient.
         Optax transformations that read the loss value (e.g. ``reduce_on_plateau``) receive
         NaN, since the loss is not private.
     per_example_loss : numpyro ELBO
-        Normally ``numpyro.infer.Trace_ELBO()`` (the fast split path above).
+        Normally ``numpyro.infer.Trace_ELBO()`` (the fast split path above); checked in
+        :meth:`init` (``None`` is accepted here, like ``model`` and ``guide``).
     clipping_threshold : float
         ``C``, in ``(0, inf)``: bound on the L2 norm of one example's gradient.
     dp_scale : float
@@ -315,10 +317,6 @@ class DPSVI:
         chunk_size: int | None = None,
         **static_kwargs: Any,
     ):
-        if not callable(getattr(per_example_loss, "loss", None)):
-            raise TypeError("per_example_loss must be a numpyro ELBO, e.g. Trace_ELBO()")
-        if getattr(per_example_loss, "sum_sites", True) is not True:
-            raise ValueError("per_example_loss must sum its sites (sum_sites=True)")
         self.clipping_threshold = _validation.real(clipping_threshold, "clipping_threshold", 0.0)
         self.dp_scale = _validation.real(dp_scale, "dp_scale", 0.0, closed_low=True)
         if expected_batch_size is not None:
@@ -336,6 +334,7 @@ class DPSVI:
         self.rng_suite = rng_suite
         self.clip_unscaled_observations = bool(clip_unscaled_observations)
         self.static_kwargs = static_kwargs
+        self._check_components(allow_none=True)
         # numpyro's SVI validates/wraps the optimiser and does the parameter initialisation.
         self._svi = SVI(model, guide, optim, per_example_loss, **static_kwargs)
         self.optim = self._svi.optim
@@ -345,6 +344,25 @@ class DPSVI:
         self._layout: SiteLayout | None = None
         self._budget: _Budget | None = None
         self._warned_normaliser = False
+
+    def _check_components(self, allow_none: bool = False) -> None:
+        """Validate model, guide and loss; ``None`` only fails when they are needed.
+
+        ``__init__`` allows ``None`` (d3p 0.2 code builds ``DPSVI(None, None, optim, None,
+        ...)`` to reuse the helpers and the state type, as :class:`numpyro.infer.SVI`
+        allows); :meth:`init` and :meth:`update` do not.
+        """
+        for name in ("model", "guide"):
+            value = getattr(self, name)
+            if not callable(value) and not (allow_none and value is None):
+                raise TypeError(f"{name} must be a callable NumPyro {name}, got {value!r}")
+        loss = self.per_example_loss
+        if allow_none and loss is None:
+            return
+        if not callable(getattr(loss, "loss", None)):
+            raise TypeError("per_example_loss must be a numpyro ELBO, e.g. Trace_ELBO()")
+        if getattr(loss, "sum_sites", True) is not True:
+            raise ValueError("per_example_loss must sum its sites (sum_sites=True)")
 
     # ---------------------------------------------------------------- public API
 
@@ -376,6 +394,7 @@ class DPSVI:
         -------
         DPSVIState
         """
+        self._check_components()
         args, _ = _validation.batch(args)
         init_key = self.rng_suite.convert_to_jax_rng_key(
             self.rng_suite.fold_in(rng_key, _INIT_STREAM)
@@ -573,6 +592,7 @@ class DPSVI:
         init_state: DPSVIState | None = None,
         init_params: dict | None = None,
         mesh: jax.sharding.Mesh | None = None,
+        check_finite: bool = True,
         **kwargs: Any,
     ) -> DPSVIRunResult:
         """Train for ``num_steps`` private steps on Poisson-sampled minibatches of ``args``.
@@ -619,6 +639,12 @@ class DPSVI:
             the state, the keys and the noise are replicated (one noise draw per step, as on
             one device). Same key, same result as without a mesh up to summation order, and
             the same privacy accounting. Every process must pass the same arguments.
+        check_finite : bool
+            If True (default), refuse data holding NaN or infinity with a ``ValueError``
+            before any work. Training would drop such records' non-finite gradients
+            (a valid clipping to zero, see :class:`DPSVI`) where d3p 0.2 turned the
+            parameters into NaN; the check makes bad data visible. The error is about
+            your own data and is not private: do not publish it. False skips the check.
         **kwargs
             Keyword arguments of model and guide (public).
 
@@ -634,6 +660,8 @@ class DPSVI:
         args, n = _validation.batch(args)
         if any(a is None for a in args):
             raise ValueError("DPSVI.run needs every positional argument to be a data array")
+        if check_finite:
+            _validation.finite_data(args)
         in_mesh = contextlib.nullcontext()
         if mesh is not None:
             mesh = _sharding.auto_mesh(mesh)
@@ -746,6 +774,7 @@ class DPSVI:
         )
 
     def _require_layout(self) -> SiteLayout:
+        self._check_components()
         if self._layout is None:
             raise RuntimeError("call DPSVI.init before update/evaluate")
         return self._layout
