@@ -118,8 +118,11 @@ def finite_data(args: tuple) -> None:
 
 
 def mask(value: Any, batch_size: int) -> jax.Array:
-    """A bool mask of shape ``(batch_size,)`` from a scalar or such an array."""
-    value = jnp.asarray(value)
+    """A bool mask of shape ``(batch_size,)`` from a scalar or such an array.
+
+    ``None`` (d3p 0.2's default) means every row is an example.
+    """
+    value = jnp.asarray(True if value is None else value)
     if value.shape not in ((), (batch_size,)):
         raise ValueError(f"mask must be a scalar or have shape ({batch_size},), got {value.shape}")
     return jnp.broadcast_to(value.astype(bool), (batch_size,))

@@ -433,9 +433,10 @@ class DPSVI:
             The current state.
         *args
             The batch: arrays with equal first dimension (one row per example).
-        mask : bool or bool array of shape (batch,)
+        mask : bool or bool array of shape (batch,), or None
             Which rows are real examples; padded rows (False) contribute exactly nothing.
-            An all-False mask gives a pure-noise step.
+            An all-False mask gives a pure-noise step. ``None`` (d3p 0.2's default) is
+            ``True``.
         **kwargs
             Keyword arguments of model and guide (public, not per-example).
 
@@ -450,7 +451,7 @@ class DPSVI:
         args, batch_size = _validation.batch(args)
         _sharding.check_divisible(batch_size, _sharding.context_shards())
         mask_array = _validation.mask(mask, batch_size)
-        normaliser = self._normaliser(batch_size, masked=jnp.ndim(mask) > 0)
+        normaliser = self._normaliser(batch_size, masked=mask is not None and jnp.ndim(mask) > 0)
         return self._update(svi_state, args, kwargs, mask_array, normaliser)
 
     def evaluate(
@@ -463,7 +464,7 @@ class DPSVI:
         """
         args, batch_size = _validation.batch(args)
         mask_array = _validation.mask(mask, batch_size)
-        normaliser = self._normaliser(batch_size, masked=jnp.ndim(mask) > 0)
+        normaliser = self._normaliser(batch_size, masked=mask is not None and jnp.ndim(mask) > 0)
         mask = mask_array
         _, jax_key, _, params, kwargs = self._step_inputs(svi_state, kwargs)
         obs_scale = svi_state.observation_scale

@@ -49,7 +49,7 @@ def test_construct_without_model_guide_loss():
     tree = {"a": jnp.array([3.0]), "b": jnp.array([[4.0]])}
     assert float(full_norm(tree)) == 5.0
     assert float(full_norm(clip_gradient(tree, bare.clipping_threshold))) == pytest.approx(1.0)
-    # model, guide and loss are checked when first needed, with the same errors as before
+    # None for model, guide or loss is refused when first needed, with the usual errors
     with pytest.raises(TypeError, match="model must be a callable"):
         bare.init(d3p.random.PRNGKey(0), _data())
     no_guide = DPSVI(model, None, Adam(1e-3), Trace_ELBO(), 1.0, 1.0)
@@ -58,9 +58,9 @@ def test_construct_without_model_guide_loss():
     no_loss = DPSVI(model, guide, Adam(1e-3), None, 1.0, 1.0)
     with pytest.raises(TypeError, match="per_example_loss must be a numpyro ELBO"):
         no_loss.init(d3p.random.PRNGKey(0), _data())
-    unsummed = DPSVI(model, guide, Adam(1e-3), Trace_ELBO(sum_sites=False), 1.0, 1.0)
+    # any invalid value other than None is still refused at construction
     with pytest.raises(ValueError, match="sum_sites=True"):
-        unsummed.init(d3p.random.PRNGKey(0), _data())
+        DPSVI(model, guide, Adam(1e-3), Trace_ELBO(sum_sites=False), 1.0, 1.0)
     # update on a hand-built state names the missing part, not "call init"
     state = DPSVIState(Adam(1e-3).init({"loc": jnp.zeros(())}), d3p.random.PRNGKey(0), 1.0)
     with pytest.raises(TypeError, match="model must be a callable"):
@@ -95,6 +95,20 @@ def test_state_built_from_three_values():
     out = dpsvi.get_params(jax.jit(steps)(hand))
     np.testing.assert_allclose(out["loc"], ref["loc"], rtol=1e-6)
     assert float(out["loc"]) != float(dpsvi.get_params(state)["loc"])
+
+
+def test_update_and_evaluate_take_mask_none():
+    # d3p 0.2's default mask=None: every row is an example (same step, no normaliser warning)
+    dpsvi = DPSVI(model, guide, SGD(1e-3), Trace_ELBO(), 1.0, 1.0, rng_suite=debug)
+    x = _data()
+    state = dpsvi.init(debug.PRNGKey(0), x)
+    ref, ref_loss = dpsvi.update(state, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, loss = dpsvi.update(state, x, mask=None)
+        assert float(dpsvi.evaluate(state, x, mask=None)) == float(dpsvi.evaluate(state, x))
+    assert float(loss) == float(ref_loss)
+    assert float(dpsvi.get_params(out)["loc"]) == float(dpsvi.get_params(ref)["loc"])
 
 
 @pytest.mark.parametrize(
