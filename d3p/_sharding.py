@@ -18,12 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from d3p import minibatch
+
 __all__ = [
     "DATA_AXIS",
     "auto_mesh",
     "check_divisible",
     "check_mesh",
     "context_shards",
+    "gather_batch",
     "place",
     "shard_batch",
 ]
@@ -85,15 +88,40 @@ def shard_batch(batch: tuple, mask: jax.Array, shards: int) -> tuple[tuple, jax.
     return tuple(place(x) for x in batch), place(mask)
 
 
+def gather_batch(
+    dataset: tuple, idx: jax.Array, mask: jax.Array, shards: int
+) -> tuple[tuple, jax.Array]:
+    """The rows ``idx`` (drawn once, replicated) of ``dataset``, split along ``"data"``.
+
+    The indices are padded and split like :func:`shard_batch`; each device then gathers
+    only its own rows: locally from replicated data, and from data whose rows are split
+    along ``"data"`` with one batch-sized reduction across devices (the data set is never
+    gathered). Rows where ``mask`` is False are zero.
+    """
+    (idx,), mask = shard_batch((idx,), mask, shards)
+    return minibatch._gather(dataset, idx, mask), mask
+
+
+def _on_mesh(x: Any, mesh: Mesh) -> bool:
+    """Whether ``x`` is a global array already placed on the devices of ``mesh``."""
+    sharding = getattr(x, "sharding", None)
+    return isinstance(sharding, NamedSharding) and np.array_equal(
+        sharding.mesh.device_ids, mesh.device_ids
+    )
+
+
 def place(tree: Any, mesh: Mesh) -> Any:
-    """Every array leaf of ``tree`` replicated on all devices of ``mesh``.
+    """Every array leaf of ``tree`` on the devices of ``mesh``: replicated, unless it is
+    already an array placed on them (e.g. data whose rows are split along ``"data"``).
 
     Works with several processes (:func:`jax.distributed.initialize`): each process must
-    hold the same values, which become one global array.
+    hold the same values of the arrays it replicates, which become one global array.
     """
     sharding = NamedSharding(mesh, PartitionSpec())
 
     def put(x):
+        if _on_mesh(x, mesh):
+            return x
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 

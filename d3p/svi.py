@@ -636,10 +636,13 @@ class DPSVI:
         mesh : jax.sharding.Mesh, optional
             Run on the devices of ``mesh`` (several processes too, after
             :func:`jax.distributed.initialize`): each batch, padded with masked-out rows to
-            a multiple of the size of the mesh axis ``"data"``, is split along it; the data,
-            the state, the keys and the noise are replicated (one noise draw per step, as on
-            one device). Same key, same result as without a mesh up to summation order, and
-            the same privacy accounting. Every process must pass the same arguments.
+            a multiple of the size of the mesh axis ``"data"``, is split along it. The batch
+            is drawn once from the replicated key and each device gathers its own rows. The
+            state, the keys and the noise are replicated (one noise draw per step, as on one
+            device); the data too, unless given as arrays already placed on the mesh (e.g.
+            rows split along ``"data"``). Same key, same result as without a mesh up to
+            summation order, and the same privacy accounting. Every process must pass the
+            same arguments.
         check_finite : bool
             If True (default), refuse data holding NaN or infinity with a ``ValueError``
             before any work. Training would drop such records' non-finite gradients
@@ -679,8 +682,10 @@ class DPSVI:
                 stacklevel=2,
             )
         batch_key, svi_key = self.rng_suite.split(rng_key)
+        # on a mesh the sampler draws row indices (replicated); each device gathers its rows
+        rows = args if mesh is None else (jnp.arange(n, dtype=jnp.int32),)
         batch_init, get_batch, size, epsilon = self._batcher(
-            args, q, max_batch_size, num_steps, delta
+            rows, q, max_batch_size, num_steps, delta
         )
         _, batch_state = batch_init(batch_key)
         if init_state is None or self._layout is None:
@@ -694,7 +699,7 @@ class DPSVI:
         def step(state, i):
             batch, mask = get_batch(i, batch_state)
             if mesh is not None:
-                batch, mask = _sharding.shard_batch(batch, mask, shards)
+                batch, mask = _sharding.gather_batch(args, batch[0], mask, shards)
             return self._update(state, batch, kwargs, mask, expected)
 
         chunk = -(-num_steps // 50) if progress_bar else num_steps

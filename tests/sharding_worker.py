@@ -38,6 +38,7 @@ from numpyro.infer.autoguide import AutoDiagonalNormal  # noqa: E402
 from numpyro.optim import SGD, Adam  # noqa: E402
 
 import d3p.random  # noqa: E402
+from d3p import _sharding  # noqa: E402
 from d3p.svi import DPSVI  # noqa: E402
 
 with warnings.catch_warnings():
@@ -96,8 +97,12 @@ def check_run(mesh):
     kw = dict(q=0.05, delta=1e-5, progress_bar=False)
     one = dpsvi.run(debug.PRNGKey(1), 4, x, y, **kw)
     four = dpsvi.run(debug.PRNGKey(1), 4, x, y, mesh=mesh, **kw)
+    # the data set itself split by rows across the devices
+    rows = [jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y)]
+    split_data = dpsvi.run(debug.PRNGKey(1), 4, *rows, mesh=mesh, **kw)
     return {
         "run_rel_diff": rel_diff(one.params, four.params),
+        "run_split_data_rel_diff": rel_diff(one.params, split_data.params),
         "run_moved": rel_diff(one.params, dpsvi.get_params(dpsvi.init(debug.PRNGKey(1), x, y))),
         "epsilon_1": one.epsilon,
         "epsilon_4": four.epsilon,
@@ -132,6 +137,33 @@ def check_update(mesh):
     with jax.set_mesh(mesh):
         out["control_gathers"] = batch_sized_gathers(
             gather.lower(sharded[0]).compile().as_text(), rows
+        )
+    return out
+
+
+def check_gather(mesh):
+    """Each device gathers its rows of a batch drawn once: which collectives that takes."""
+    x, _ = data(N)
+    rows = 88
+    idx = jnp.asarray(np.random.default_rng(4).integers(0, N, rows), jnp.int32)
+    mask = jnp.arange(rows) < 80
+
+    def gather(x, idx, mask):
+        (batch,), mask = _sharding.gather_batch((x,), idx, mask, 4)
+        return batch
+
+    out = {}
+    for name, spec in (("replicated", P()), ("split", P("data"))):
+        placed = jax.device_put(x, NamedSharding(mesh, spec))
+        with jax.set_mesh(mesh):
+            hlo = jax.jit(gather).lower(placed, idx, mask).compile().as_text()
+            batch = jax.jit(gather)(placed, idx, mask)
+        out[f"gather_{name}_ok"] = bool(jnp.all(batch == jnp.where(mask[:, None], x[idx], 0)))
+        out[f"gather_{name}_sharded"] = batch.sharding.is_equivalent_to(
+            NamedSharding(mesh, P("data")), batch.ndim
+        )
+        out[f"gather_{name}_collectives"] = re.findall(
+            r"= (\w+\[[\d,]*\])[^ ]* (all-gather|all-reduce|reduce-scatter|all-to-all)\(", hlo
         )
     return out
 
@@ -184,6 +216,7 @@ def checks():
     return {
         **check_run(mesh),
         **check_update(mesh),
+        **check_gather(mesh),
         **check_noise(mesh),
         **check_errors(mesh),
     }

@@ -60,7 +60,21 @@ def checks():
 def test_run_with_mesh_equals_one_device(checks):
     assert checks["run_moved"] > 100 * REL_TOL  # the comparison can see a difference
     assert checks["run_rel_diff"] < REL_TOL
+    assert checks["run_split_data_rel_diff"] < REL_TOL
     assert checks["state_replicated"]
+
+
+def test_each_device_gathers_its_rows(checks):
+    for name in ("replicated", "split"):
+        assert checks[f"gather_{name}_ok"]
+        assert checks[f"gather_{name}_sharded"]  # the batch comes out split along "data"
+    # replicated data: every device gathers its rows locally, no communication at all
+    assert checks["gather_replicated_collectives"] == []
+    # data split by rows: each device contributes the rows it holds to a reduction of the
+    # (88-row) batch; only the int32 row indices are gathered, never the 1000-row data set
+    split = checks["gather_split_collectives"]
+    assert all("1000" not in shape for shape, _ in split), split
+    assert all(shape.startswith("s32") for shape, op in split if op == "all-gather"), split
 
 
 def test_epsilon_unchanged_by_sharding(checks):
@@ -147,8 +161,8 @@ def test_two_processes_equal_one():
 
 
 def test_chunked_sum_groups_sum_every_row_once():
-    # row i contributes 2**i (sums of distinct powers below 2**24 are exact in float32): a row lost or
-    # counted twice by the per-group chunking changes the total
+    # row i contributes 2**i (sums of distinct powers below 2**24 are exact in float32):
+    # a row lost or counted twice by the per-group chunking changes the total
     rows = np.arange(12)
     xs = (jax.numpy.asarray(2.0**rows), jax.numpy.asarray(rows % 5 != 0))
 
