@@ -56,6 +56,12 @@ def context_shards() -> int:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or DATA_AXIS not in mesh.axis_names:
         return 1
+    if mesh.axis_types[mesh.axis_names.index(DATA_AXIS)] != AxisType.Auto:
+        raise ValueError(
+            f"the mesh axis {DATA_AXIS!r} in context must be of type AxisType.Auto (DPSVI "
+            "leaves the sharding of its per-example work to the XLA partitioner); make the "
+            "mesh with jax.make_mesh(..., axis_types=(AxisType.Auto, ...))"
+        )
     return int(mesh.shape[DATA_AXIS])
 
 

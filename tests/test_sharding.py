@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 
 from d3p import _clipping, _sharding
 
@@ -114,6 +114,11 @@ def test_check_mesh_in_process():
     with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
         _sharding.check_mesh("data")
     assert _sharding.context_shards() == 1
+    with jax.set_mesh(jax.make_mesh((1,), ("data",), (AxisType.Auto,))):
+        assert _sharding.context_shards() == 1
+    with jax.set_mesh(jax.make_mesh((1,), ("data",), (AxisType.Explicit,))):
+        with pytest.raises(ValueError, match="'data' in context must be of type AxisType.Auto"):
+            _sharding.context_shards()
     _sharding.check_divisible(7, 1)
     with pytest.raises(ValueError, match="7 rows.*2 devices"):
         _sharding.check_divisible(7, 2)
