@@ -10,7 +10,7 @@ import time
 
 from benchmarks._common import format_table, machine_info, write_json
 
-SECTIONS = ("random", "minibatch", "dputil", "svi", "scaling")
+SECTIONS = ("random", "minibatch", "dputil", "svi", "loop", "scaling")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         rows = module.run(quick=args.quick)
         print(f"\n== {name} ({time.perf_counter() - start:.1f} s)")
-        print(format_table(rows))
+        # a section returns its rows, or a dict of titled tables
+        for title, table in rows.items() if isinstance(rows, dict) else [(None, rows)]:
+            print(format_table(table) if title is None else f"-- {title}\n{format_table(table)}")
         results[name] = rows
     write_json(args.json, {"quick": args.quick, "sections": results})
     print(f"\nwrote {args.json}")

@@ -3,7 +3,8 @@
 """Shared timing, table and JSON helpers for the benchmark sections.
 
 Each section module ``benchmarks/bench_<name>.py`` exposes
-``run(quick: bool) -> list[dict]``: one dict per measured row, with plain
+``run(quick: bool) -> list[dict]``: one dict per measured row (or a dict of such lists,
+one per titled table), with plain
 JSON-serialisable values. Times are wall-clock seconds, measured after JIT
 compilation (a warm-up call is made first) and after ``block_until_ready``.
 """

@@ -181,18 +181,27 @@ def bench_workload(name, model, n, d, q, steps, repeats, whole_elbo):
     return row
 
 
+#: The workloads of issue 6: (name, model, N, d, q); shared with benchmarks/bench_loop.py.
+WORKLOADS = (
+    ("W1 logreg", logistic_model, 100_000, 100, 0.01),
+    ("W2 logreg", logistic_model, 20_000, 1_000, 0.01),
+    ("W3 BNN 50-100-1", bnn_model, 50_000, 50, 0.01),
+)
+
+
+def workloads(quick: bool) -> list[tuple]:
+    """:data:`WORKLOADS`; with ``quick``, N divided by 10 and d at most 100."""
+    if not quick:
+        return list(WORKLOADS)
+    return [(name, model, n // 10, min(d, 100), q) for name, model, n, d, q in WORKLOADS]
+
+
 def run(quick: bool) -> list[dict]:
     """Time DPSVI vs SVI on W1-W3 (quick: smaller data, fewer steps, no whole-ELBO column)."""
     steps, repeats = (20, 3) if quick else (200, 5)
-    scale = 10 if quick else 1
-    workloads = [
-        ("W1 logreg", logistic_model, 100_000 // scale, 100, 0.01),
-        ("W2 logreg", logistic_model, 20_000 // scale, 1_000 // scale, 0.01),
-        ("W3 BNN 50-100-1", bnn_model, 50_000 // scale, 50, 0.01),
-    ]
     return [
         bench_workload(name, model, n, d, q, steps, repeats, whole_elbo=not quick)
-        for name, model, n, d, q in workloads
+        for name, model, n, d, q in workloads(quick)
     ]
 
 
