@@ -37,6 +37,7 @@ from d3p._elbo_split import (
     global_part,
     zero_examples,
 )
+from d3p.plan import PrivacyPlan
 
 __all__ = [
     "DPSVI",
@@ -144,12 +145,17 @@ class DPSVIState(NamedTuple):
         a numerically fragile model. Dropping them keeps the guarantee of the parameters
         (a zero is a valid clipping), but the count itself depends on the data and is NOT
         differentially private: do not publish it (nor the losses).
+    num_steps
+        Number of private steps (:meth:`DPSVI.update` calls) taken since ``init``. It
+        depends on nothing but the number of calls (no privacy cost); :meth:`DPSVI.run`
+        and :meth:`DPSVI.get_epsilon` account for all of them.
     """
 
     optim_state: Any
     rng_key: Any
     observation_scale: Any
     num_nonfinite_grads: Any = 0
+    num_steps: Any = 0
 
 
 class DPSVIRunResult(NamedTuple):
@@ -164,9 +170,13 @@ class DPSVIRunResult(NamedTuple):
     losses : jax.Array
         The loss of every step. NOT differentially private: do not publish it.
     epsilon : float
-        Privacy spent by the run at ``delta``, add/remove-one relation.
+        Privacy spent at ``delta`` by all steps in ``state`` (those of an ``init_state``
+        included), from ``dp_event``.
     delta : float
         The delta at which ``epsilon`` is reported.
+    dp_event : dp_accounting.DpEvent
+        The ``DpEvent`` of all steps in ``state``, as the run's
+        :class:`~d3p.plan.PrivacyPlan` describes them.
     """
 
     params: dict
@@ -174,6 +184,7 @@ class DPSVIRunResult(NamedTuple):
     losses: jax.Array
     epsilon: float
     delta: float
+    dp_event: Any = None
 
 
 class _Budget(NamedTuple):
@@ -219,6 +230,32 @@ def _accounted_run(
         "dataset_size": dataset_size,
         "max_batch_size": size,
     }
+
+
+def _privacy_parameters(
+    clipping_threshold: Any, dp_scale: Any, expected_batch_size: Any, plan: PrivacyPlan | None
+) -> tuple[float, float, float | None]:
+    """``(C, sigma, normaliser)`` of a DPSVI: from ``plan``, or from d3p 0.2's arguments."""
+    if plan is not None:
+        if not isinstance(plan, PrivacyPlan):
+            raise TypeError(f"plan must be a d3p.plan.PrivacyPlan, got {type(plan).__name__}")
+        given = {"clipping_threshold": clipping_threshold, "dp_scale": dp_scale}
+        given["expected_batch_size"] = expected_batch_size
+        if any(v is not None for v in given.values()):
+            raise TypeError(
+                "give either plan or clipping_threshold and dp_scale (and expected_batch_size); "
+                f"the plan holds them: {plan}"
+            )
+        return plan.clipping_threshold, plan.noise_multiplier, plan.normaliser
+    if clipping_threshold is None or dp_scale is None:
+        raise TypeError("DPSVI needs clipping_threshold and dp_scale, or plan=PrivacyPlan(...)")
+    if expected_batch_size is not None:
+        expected_batch_size = _validation.real(expected_batch_size, "expected_batch_size", 0.0)
+    return (
+        _validation.real(clipping_threshold, "clipping_threshold", 0.0),
+        _validation.real(dp_scale, "dp_scale", 0.0, closed_low=True),
+        expected_batch_size,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,7 +315,8 @@ class DPSVI:
         Normally ``numpyro.infer.Trace_ELBO()`` (the fast split path above); checked in
         :meth:`init` (``None`` is accepted here, like ``model`` and ``guide``).
     clipping_threshold : float
-        ``C``, in ``(0, inf)``: bound on the L2 norm of one example's gradient.
+        ``C``, in ``(0, inf)``: bound on the L2 norm of one example's gradient. Give it
+        and ``dp_scale`` (d3p 0.2's form), or ``plan``.
     dp_scale : float
         Noise multiplier ``sigma >= 0``: the noise standard deviation is ``dp_scale * C``.
         ``0`` disables the noise (not private).
@@ -289,6 +327,12 @@ class DPSVI:
         If True (default), the plate scale of one example (the data-set size ``N``) is
         divided out before clipping, so ``C`` bounds one individual's unscaled contribution,
         and multiplied back after the noise.
+    plan : d3p.plan.PrivacyPlan, optional
+        Keyword-only, instead of ``clipping_threshold``, ``dp_scale`` and
+        ``expected_batch_size``: the plan's ``C``, noise multiplier and normaliser are
+        used, :meth:`run` draws the plan's batches, and refuses to take more than the
+        plan's ``num_steps`` steps in all. Without a plan, :meth:`run` builds one (Poisson
+        sampling) for its own steps.
     expected_batch_size : float, optional
         Keyword-only. The data-independent normaliser ``q * N`` for Poisson batches.
     chunk_size : int, optional
@@ -308,20 +352,20 @@ class DPSVI:
         guide: Callable,
         optim: Any,
         per_example_loss: Any,
-        clipping_threshold: float,
-        dp_scale: float,
+        clipping_threshold: float | None = None,
+        dp_scale: float | None = None,
         rng_suite: Any = d3p.random,
         clip_unscaled_observations: bool = True,
         *,
+        plan: PrivacyPlan | None = None,
         expected_batch_size: float | None = None,
         chunk_size: int | None = None,
         **static_kwargs: Any,
     ):
-        self.clipping_threshold = _validation.real(clipping_threshold, "clipping_threshold", 0.0)
-        self.dp_scale = _validation.real(dp_scale, "dp_scale", 0.0, closed_low=True)
-        if expected_batch_size is not None:
-            expected_batch_size = _validation.real(expected_batch_size, "expected_batch_size", 0.0)
-        self.expected_batch_size = expected_batch_size
+        self.clipping_threshold, self.dp_scale, self.expected_batch_size = _privacy_parameters(
+            clipping_threshold, dp_scale, expected_batch_size, plan
+        )
+        self.plan = plan
         if chunk_size is not None:
             chunk_size = _validation.count(chunk_size, "chunk_size")
         self.chunk_size = chunk_size
@@ -344,6 +388,8 @@ class DPSVI:
         self._layout: SiteLayout | None = None
         self._budget: _Budget | None = None
         self._warned_normaliser = False
+        self._first_batch_size: int | None = None
+        self._warned_lengths = False
 
     def _check_components(self, allow_none: bool = False) -> None:
         """Validate model, guide and loss; ``None`` only fails when they are needed.
@@ -416,6 +462,7 @@ class DPSVI:
             rng_key,
             jnp.asarray(scale, dtype),
             jnp.zeros((), jnp.int32),
+            jnp.zeros((), jnp.int32),
         )
 
     def get_params(self, svi_state: DPSVIState) -> dict:
@@ -479,18 +526,21 @@ class DPSVI:
     def get_epsilon(
         self,
         target_delta: float,
-        q: float,
+        q: float | None = None,
         num_epochs: float | None = None,
         num_iter: float | None = None,
         *,
         dataset_size: int | None = None,
         max_batch_size: int | float | None = None,
+        state: DPSVIState | None = None,
     ) -> float:
         """Privacy spent: epsilon at ``target_delta`` after training with Poisson rate ``q``.
 
-        Add/remove-one relation, PLD accountant (:func:`d3p.dputil.compute_epsilon`).
-        Give exactly one of ``num_epochs`` (then ``num_iter = num_epochs / q``, rounded up)
-        and ``num_iter`` (number of :meth:`update` steps). ``inf`` when ``dp_scale == 0``.
+        Add/remove-one relation, PLD accountant (:func:`d3p.dputil.compute_epsilon`); with
+        a plan, the plan's accounting. Give exactly one of ``num_epochs`` (then
+        ``num_iter = num_epochs / q``, rounded up), ``num_iter`` (number of :meth:`update`
+        steps) and ``state`` (the steps it has taken, :attr:`DPSVIState.num_steps`).
+        ``q`` defaults to the rate of the plan or budget. ``inf`` when ``dp_scale == 0``.
 
         Batches from :func:`d3p.minibatch.poisson_batchify_data` are truncated at
         ``max_batch_size`` rows by default, which costs privacy: pass the same
@@ -498,7 +548,11 @@ class DPSVI:
         number of records N) to account for it. Without them the result is the epsilon of
         untruncated Poisson sampling, which understates the cost of truncated batches.
         """
-        run = _accounted_run(q, num_epochs, num_iter, dataset_size, max_batch_size)
+        run = self._accounted(q, num_epochs, num_iter, dataset_size, max_batch_size, state)
+        if run is None:
+            return 0.0
+        if isinstance(run, PrivacyPlan):
+            return run.epsilon(target_delta)
         if self.dp_scale == 0:
             return math.inf
         return dputil.compute_epsilon(self.dp_scale, target_delta, **run)
@@ -506,18 +560,52 @@ class DPSVI:
     def get_delta(
         self,
         target_epsilon: float,
-        q: float,
+        q: float | None = None,
         num_epochs: float | None = None,
         num_iter: float | None = None,
         *,
         dataset_size: int | None = None,
         max_batch_size: int | float | None = None,
+        state: DPSVIState | None = None,
     ) -> float:
         """Privacy spent: delta at ``target_epsilon`` (see :meth:`get_epsilon`); 1 if no noise."""
-        run = _accounted_run(q, num_epochs, num_iter, dataset_size, max_batch_size)
+        run = self._accounted(q, num_epochs, num_iter, dataset_size, max_batch_size, state)
+        if run is None:
+            return 0.0
+        if isinstance(run, PrivacyPlan):
+            return run.delta(target_epsilon)
         if self.dp_scale == 0:
             return 1.0
         return dputil.compute_delta(self.dp_scale, target_epsilon, **run)
+
+    def _accounted(
+        self,
+        q: Any,
+        num_epochs: Any,
+        num_iter: Any,
+        dataset_size: Any,
+        max_batch_size: Any,
+        state: DPSVIState | None,
+    ) -> PrivacyPlan | dict | None:
+        """The steps :meth:`get_epsilon` accounts: a plan, dputil's keywords, or None (none)."""
+        if state is not None:
+            if num_epochs is not None or num_iter is not None:
+                raise ValueError("give exactly one of num_epochs, num_iter and state")
+            num_iter = int(state.num_steps)
+            if num_iter == 0:
+                return None
+        covered = self.plan or self._budget
+        q = covered.q if q is None and covered is not None else q
+        if q is None:
+            raise ValueError("give the Poisson sampling rate q, in (0, 1]")
+        if self.plan is None:
+            return _accounted_run(q, num_epochs, num_iter, dataset_size, max_batch_size)
+        if q != self.plan.q or dataset_size is not None or max_batch_size is not None:
+            raise ValueError(
+                "this DPSVI's plan sets q, dataset_size and the batch size; give only the "
+                f"number of steps (plan: {self.plan})"
+            )
+        return self.plan.with_steps(math.ceil(_num_iter(q, num_epochs, num_iter)))
 
     @classmethod
     def make_private_with_epsilon(
@@ -544,7 +632,8 @@ class DPSVI:
         ``force_smaller=True``, so the accountant's epsilon never exceeds the target) for
         ``num_steps`` steps of Poisson sampling with rate ``q``. The returned object
         remembers the plan: its :meth:`run` defaults to ``q`` and ``target_delta`` and
-        refuses more than ``num_steps`` steps. Train in one call with
+        refuses, before any work, a run that would take more than ``num_steps`` steps in
+        all (those of its ``init_state`` included). Train in one call with
         ``DPSVI.make_private_with_epsilon(...).run(rng_key, num_steps, *data)``.
 
         Parameters
@@ -601,9 +690,16 @@ class DPSVI:
         Each step draws a batch with :func:`d3p.minibatch.poisson_batchify_data` (every
         record independently with probability ``q``, from ``rng_suite``; oversized draws
         are truncated to ``max_batch_size`` uniformly chosen records) and calls
-        :meth:`update` with the normaliser ``q * N``. Steps run in jitted chunks with a
-        tqdm progress bar. The parameters are initialised on an all-zero stand-in batch,
-        so initialisation sees no private data.
+        :meth:`update` with the normaliser ``q * N``. With a ``plan`` (see :class:`DPSVI`)
+        the batches, the normaliser and the accounting are the plan's. Steps run in jitted
+        chunks with a tqdm progress bar. The parameters are initialised on an all-zero
+        stand-in batch, so initialisation sees no private data.
+
+        The run is accounted as a :class:`~d3p.plan.PrivacyPlan` of all steps in the
+        state, those of ``init_state`` included (counted in
+        :attr:`DPSVIState.num_steps`; the earlier steps are taken to have used the same
+        sampling). A DPSVI with a budget (:meth:`make_private_with_epsilon`) or a plan
+        refuses, before any work, a run that would take more steps than it covers.
 
         Parameters
         ----------
@@ -616,7 +712,7 @@ class DPSVI:
             individual).
         q : float
             Poisson sampling rate in (0, 1]; expected batch size ``q * N``. Defaults to
-            the planned rate of :meth:`make_private_with_epsilon`.
+            the planned rate of :meth:`make_private_with_epsilon` or of the plan.
         max_batch_size : int or float, optional
             Structural batch size, or as a float in (0, 1) that quantile of the batch-size
             distribution. Oversized draws are truncated, and the truncation is included in
@@ -655,15 +751,24 @@ class DPSVI:
         Returns
         -------
         DPSVIRunResult
-            ``(params, state, losses, epsilon, delta)``; ``epsilon`` is the privacy spent by
-            this run (add/remove-one relation), ``losses`` are not private.
+            ``(params, state, losses, epsilon, delta, dp_event)``; ``epsilon`` is the
+            privacy spent by all steps in ``state`` (the plan's relation; add/remove-one
+            without a plan), ``losses`` are not private.
         """
         num_steps = _validation.count(num_steps, "num_steps")
         shards = 1 if mesh is None else _sharding.check_mesh(mesh)
-        q, delta = self._plan_run(num_steps, q, delta)
         args, n = _validation.batch(args)
         if any(a is None for a in args):
             raise ValueError("DPSVI.run needs every positional argument to be a data array")
+        taken = 0 if init_state is None else int(init_state.num_steps)
+        plan, delta = self._plan_run(n, taken, num_steps, q, max_batch_size, delta)
+        epsilon = plan.epsilon(delta)
+        if self._budget is not None and epsilon > self._budget.epsilon:
+            raise ValueError(
+                f"with max_batch_size={max_batch_size} the truncated Poisson sampling spends "
+                f"epsilon={epsilon} > the budget {self._budget.epsilon}; use a larger "
+                "max_batch_size or leave it at None"
+            )
         if check_finite:
             _validation.finite_data(args)
         in_mesh = contextlib.nullcontext()
@@ -671,28 +776,20 @@ class DPSVI:
             mesh = _sharding.auto_mesh(mesh)
             args = _sharding.place(args, mesh)
             in_mesh = jax.set_mesh(mesh)
-        expected = q * n
-        if self.expected_batch_size is not None and not math.isclose(
-            self.expected_batch_size, expected
-        ):
-            warnings.warn(
-                f"DPSVI.run normalises by q * N = {expected}, not expected_batch_size="
-                f"{self.expected_batch_size}",
-                UserWarning,
-                stacklevel=2,
-            )
         batch_key, svi_key = self.rng_suite.split(rng_key)
         # on a mesh the sampler draws row indices (replicated); each device gathers its rows
         rows = args if mesh is None else (jnp.arange(n, dtype=jnp.int32),)
-        batch_init, get_batch, size, epsilon = self._batcher(
-            rows, q, max_batch_size, num_steps, delta
-        )
+        batch_init, get_batch = plan.batcher(rows, self.rng_suite)
+        size, expected = plan.batch_size, plan.normaliser
         _, batch_state = batch_init(batch_key)
         if init_state is None or self._layout is None:
             zeros = zero_examples(args, size)
             state = self.init(svi_key, *zeros, init_params=init_params, **kwargs)
-        if init_state is not None:
-            state = init_state
+        if init_state is not None:  # counters as arrays (a d3p 0.2 state has plain ints)
+            state = init_state._replace(
+                num_nonfinite_grads=jnp.asarray(init_state.num_nonfinite_grads, jnp.int32),
+                num_steps=jnp.asarray(taken, jnp.int32),
+            )
         if mesh is not None:
             state, batch_state = _sharding.place((state, batch_state), mesh)
 
@@ -724,60 +821,70 @@ class DPSVI:
                 bar.set_postfix_str(f"loss {float(jnp.nanmean(chunk_losses)):.4g} (not private)")
                 bar.update(done)
         losses = jnp.concatenate(losses)[:num_steps]
-        return DPSVIRunResult(self.get_params(state), state, losses, epsilon, delta)
+        params = self.get_params(state)
+        return DPSVIRunResult(params, state, losses, epsilon, delta, plan.dp_event())
 
     # ---------------------------------------------------------------- internals
 
-    def _plan_run(self, num_steps: int, q: float | None, delta: float | None) -> tuple:
-        """Fill ``q``/``delta`` from the budget plan and refuse runs that exceed it."""
-        budget = self._budget
-        if budget is None:
-            if q is None:
-                raise ValueError("DPSVI.run needs the Poisson sampling rate q, in (0, 1]")
-            if delta is None:
-                raise ValueError(
-                    "DPSVI.run needs the delta at which to report the privacy spent, in "
-                    "(0, 1); choose it well below 1 / N (the number of records), e.g. 1e-5"
-                )
-            return q, delta
-        q = budget.q if q is None else q
-        if q != budget.q or num_steps > budget.num_steps:
-            raise ValueError(
-                f"this DPSVI was calibrated for q={budget.q} and at most {budget.num_steps} "
-                f"steps; got q={q}, num_steps={num_steps} (the budget would be exceeded)"
-            )
-        return q, budget.delta if delta is None else delta
+    def _plan_run(
+        self, n: int, done: int, num_steps: int, q: Any, max_batch_size: Any, delta: Any
+    ) -> tuple[PrivacyPlan, float]:
+        """The plan of all ``done + num_steps`` steps of a run and the delta to report at.
 
-    def _batcher(
-        self,
-        args: tuple,
-        q: float,
-        max_batch_size: Any,
-        num_steps: int,
-        delta: float,
-    ) -> tuple:
-        """Poisson batcher of :meth:`run`, its structural batch size and the epsilon spent."""
-        n = args[0].shape[0]
+        Refuses runs beyond the steps a plan or budget covers, and fills ``q``/``delta``.
+        """
+        total = done + num_steps
+        covered = self.plan or self._budget
+        if covered is not None and total > covered.num_steps:
+            raise ValueError(
+                f"this DPSVI's privacy budget covers {covered.num_steps} steps; the state has "
+                f"taken {done}, so at most {covered.num_steps - done} more, got "
+                f"num_steps={num_steps} (the budget would be exceeded)"
+            )
+        if covered is not None and q is not None and q != covered.q:
+            raise ValueError(
+                f"this DPSVI's privacy budget is for q={covered.q}, got q={q} (the budget "
+                "would be exceeded)"
+            )
+        if delta is None and self._budget is None:
+            raise ValueError(
+                "DPSVI.run needs the delta at which to report the privacy spent, in "
+                "(0, 1); choose it well below 1 / N (the number of records), e.g. 1e-5"
+            )
+        delta = self._budget.delta if delta is None else delta
+        if self.plan is not None:
+            if max_batch_size is not None:
+                raise ValueError("the plan sets the batch size; do not pass max_batch_size")
+            return self.plan.with_steps(total), delta
+        if q is None and self._budget is None:
+            raise ValueError("DPSVI.run needs the Poisson sampling rate q, in (0, 1]")
+        q = self._budget.q if q is None else q
+        if self.expected_batch_size is not None and not math.isclose(
+            self.expected_batch_size, q * n
+        ):
+            warnings.warn(
+                f"DPSVI.run normalises by q * N = {q * n}, not expected_batch_size="
+                f"{self.expected_batch_size}",
+                UserWarning,
+                stacklevel=3,
+            )
         if max_batch_size is not None:
             candidates = (max_batch_size,)
         else:
-            candidates = _BATCH_QUANTILES if self._budget else _BATCH_QUANTILES[:1]
-            candidates = (*candidates, n) if self._budget else candidates
+            candidates = (*_BATCH_QUANTILES, n) if self._budget else _BATCH_QUANTILES[:1]
         for candidate in candidates:
-            batch_init, get_batch = minibatch.poisson_batchify_data(
-                args, q, candidate, "truncate", rng_suite=self.rng_suite
+            plan = PrivacyPlan(
+                "poisson",
+                n,
+                self.clipping_threshold,
+                self.dp_scale,
+                total,
+                q=q,
+                batch_size=minibatch.structural_batch_size(n, q, candidate),
             )
-            size = minibatch.structural_batch_size(n, q, candidate)
-            epsilon = self.get_epsilon(
-                delta, q, num_iter=num_steps, dataset_size=n, max_batch_size=size
-            )
-            if self._budget is None or epsilon <= self._budget.epsilon:
-                return batch_init, get_batch, size, epsilon
-        raise ValueError(
-            f"with max_batch_size={max_batch_size} the truncated Poisson sampling spends "
-            f"epsilon={epsilon} > the budget {self._budget.epsilon}; use a larger "
-            "max_batch_size or leave it at None"
-        )
+            if self._budget is None or plan.epsilon(delta) <= self._budget.epsilon:
+                break
+        return plan, delta
 
     def _require_layout(self) -> SiteLayout:
         self._check_components()
@@ -789,6 +896,8 @@ class DPSVI:
         """The data-independent divisor of the noisy gradient sum."""
         if self.expected_batch_size is not None:
             return self.expected_batch_size
+        if not masked:
+            self._warn_if_length_varies(batch_size)
         if masked and not self._warned_normaliser:
             self._warned_normaliser = True
             warnings.warn(
@@ -800,6 +909,24 @@ class DPSVI:
                 stacklevel=3,
             )
         return float(batch_size)
+
+    def _warn_if_length_varies(self, batch_size: int) -> None:
+        """Warn once when unmasked batches change length: the divisor then is the realised
+        batch size, which leaks it if the batch was sampled (d3p 0.2's leak)."""
+        first = self._first_batch_size
+        if first is None:
+            self._first_batch_size = batch_size
+        elif batch_size != first and not self._warned_lengths:
+            self._warned_lengths = True
+            warnings.warn(
+                f"DPSVI.update got unmasked batches of different lengths ({first}, then "
+                f"{batch_size}) and no expected_batch_size: each step is divided by its own "
+                "batch length, which reveals the realised size of a sampled batch. Pad "
+                "batches to one length, pass mask=... for the real rows and "
+                "expected_batch_size=q*N to DPSVI (or use DPSVI.run / a d3p.plan.PrivacyPlan).",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _step_inputs(self, state: DPSVIState, kwargs: dict) -> tuple:
         """Keys, unconstrained params and merged kwargs for the step from ``state``."""
@@ -939,4 +1066,5 @@ class DPSVI:
             loss = loss + global_loss
         optim_state = self._optim_update(grads, state.optim_state)
         count = jnp.asarray(state.num_nonfinite_grads, jnp.int32) + num_bad
-        return DPSVIState(optim_state, new_key, obs_scale, count), loss
+        steps = jnp.asarray(state.num_steps, jnp.int32) + 1
+        return DPSVIState(optim_state, new_key, obs_scale, count, steps), loss
