@@ -31,6 +31,7 @@ from __future__ import annotations
 import operator
 import secrets
 from collections.abc import Sequence
+from functools import partial
 from typing import TypeAlias
 
 import jax
@@ -139,8 +140,23 @@ def split(key: PRNGState, num: int = 2) -> PRNGState:
     """
     key = _check_key(key)
     (num,) = _sampling.check_shape(num)
+    return _split(key, num)
+
+
+# The key functions run as one jitted program each (as jax.random's do): called outside
+# jit, as in DPSVI.init and DPSVI.run, one compilation per signature instead of one per
+# array operation; inside jit they are inlined. The results are the same.
+@partial(jax.jit, static_argnums=1)
+def _split(key: jax.Array, num: int) -> jax.Array:
     nonces = chacha.stream_words(key, 3 * num).reshape(num, 3)
     return _with_nonces(key, nonces)
+
+
+@jax.jit
+def _fold_in(key: jax.Array, data: jax.Array) -> jax.Array:
+    state = key.at[3, 0].add(data.astype(jnp.uint32))
+    nonce = chacha.block(state).reshape(16)[13:]
+    return _with_nonces(key, nonce)
 
 
 def fold_in(key: PRNGState, data) -> PRNGState:
@@ -166,10 +182,7 @@ def fold_in(key: PRNGState, data) -> PRNGState:
         raise ValueError(f"fold_in: data must be in [0, 2**32), got {data}")
     if not jnp.issubdtype(jnp.result_type(data), jnp.integer):
         raise TypeError(f"fold_in: data must be an integer, got {jnp.result_type(data)}")
-    offset = jnp.asarray(data).astype(jnp.uint32)
-    state = key.at[3, 0].add(offset)
-    nonce = chacha.block(state).reshape(16)[13:]
-    return _with_nonces(key, nonce)
+    return _fold_in(key, jnp.asarray(data))
 
 
 def random_bits(key: PRNGState, bit_width: int, shape: int | Sequence[int]) -> jax.Array:
@@ -190,8 +203,11 @@ def random_bits(key: PRNGState, bit_width: int, shape: int | Sequence[int]) -> j
         ``uint{bit_width}`` array of ``shape``.
     """
     key = _check_key(key)
-    bit_width = _sampling.check_bit_width(bit_width)
-    shape = _sampling.check_shape(shape)
+    return _random_bits(key, _sampling.check_bit_width(bit_width), _sampling.check_shape(shape))
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _random_bits(key: jax.Array, bit_width: int, shape: tuple[int, ...]) -> jax.Array:
     dtype = _sampling.uint_dtype(bit_width)
     n = int(np.prod(shape))
     if bit_width == 64:
