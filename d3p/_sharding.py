@@ -126,8 +126,8 @@ def place(tree: Any, mesh: Mesh) -> Any:
     sharding = NamedSharding(mesh, PartitionSpec())
 
     def put(x):
-        if _on_mesh(x, mesh):
-            return x
+        if _on_mesh(x, mesh):  # keep its layout, on ``mesh`` (its axis types may differ)
+            return jax.device_put(x, NamedSharding(mesh, x.sharding.spec))
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 

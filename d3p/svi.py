@@ -793,29 +793,36 @@ class DPSVI:
         if mesh is not None:
             state, batch_state = _sharding.place((state, batch_state), mesh)
 
-        def step(state, i):
+        # on a mesh the data are an argument of the jitted chunk: a global array whose rows
+        # live in several processes cannot be closed over
+        data = () if mesh is None else args
+
+        def step(state, i, data):
             batch, mask = get_batch(i, batch_state)
             if mesh is not None:
-                batch, mask = _sharding.gather_batch(args, batch[0], mask, shards)
+                batch, mask = _sharding.gather_batch(data, batch[0], mask, shards)
             return self._update(state, batch, kwargs, mask, expected)
 
         chunk = -(-num_steps // 50) if progress_bar else num_steps
 
         @jax.jit
-        def run_chunk(state, start):
+        def run_chunk(state, start, data):
             def body(state, i):
                 def skip(s):
                     return s, jnp.full((), jnp.nan, loss_type.dtype)
 
-                return jax.lax.cond(i < num_steps, step, lambda s, _: skip(s), state, i)
+                def take(s, i):
+                    return step(s, i, data)
+
+                return jax.lax.cond(i < num_steps, take, lambda s, _: skip(s), state, i)
 
             return jax.lax.scan(body, state, start + jnp.arange(chunk))
 
         losses = []
         with in_mesh, tqdm.trange(num_steps, disable=not progress_bar) as bar:
-            loss_type = jax.eval_shape(step, state, 0)[1]
+            loss_type = jax.eval_shape(step, state, 0, data)[1]
             for start in range(0, num_steps, chunk):
-                state, chunk_losses = run_chunk(state, start)
+                state, chunk_losses = run_chunk(state, start, data)
                 losses.append(chunk_losses)
                 done = min(chunk, num_steps - start)
                 bar.set_postfix_str(f"loss {float(jnp.nanmean(chunk_losses)):.4g} (not private)")

@@ -3,8 +3,9 @@
 """Checks of DPSVI on several CPU devices, run in a subprocess by tests/test_sharding.py.
 
 ``python tests/sharding_worker.py checks`` runs the single-process checks on 4 forced host
-devices; ``python tests/sharding_worker.py run PROCESS_ID NUM_PROCESSES PORT`` trains on
-``NUM_PROCESSES`` processes of 2 devices each (jax.distributed on localhost). Both print
+devices; ``python tests/sharding_worker.py run PROCESS_ID NUM_PROCESSES PORT [split]`` trains on
+``NUM_PROCESSES`` processes of 2 devices each (jax.distributed on localhost; with
+``split``, each process holds only its own rows of the data set). Both print
 one line ``RESULT <json>``. The device count must be set before JAX starts, hence the
 subprocess: the rest of the test suite keeps one device.
 """
@@ -227,6 +228,11 @@ def run():
     x, y = data(N)
     dpsvi = logreg_dpsvi(chunk_size=3)
     mesh = None if jax.process_count() == 1 else jax.make_mesh((jax.device_count(),), ("data",))
+    if sys.argv[5:] == ["split"]:  # each process passes only its own rows
+        rows = NamedSharding(mesh, P("data"))
+        part = N // jax.process_count()
+        own = slice(jax.process_index() * part, (jax.process_index() + 1) * part)
+        x, y = (jax.make_array_from_process_local_data(rows, a[own], a.shape) for a in (x, y))
     result = dpsvi.run(debug.PRNGKey(1), 5, x, y, q=0.05, delta=1e-5, progress_bar=False, mesh=mesh)
     return {
         "devices": jax.device_count(),

@@ -131,12 +131,14 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one():
-    """2 processes x 2 CPU devices (jax.distributed on localhost) against one process."""
+@pytest.mark.parametrize("data", ["replicated", "split"])
+def test_two_processes_equal_one(data):
+    """2 processes x 2 CPU devices (jax.distributed on localhost) against one process;
+    the data set in every process, or each process holding only its own rows."""
     port = str(_free_port())
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), "run", str(i), "2", port],
+            [sys.executable, str(WORKER), "run", str(i), "2", port, data],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
