@@ -17,17 +17,26 @@ column is a hand-written JAX loop doing only what a per-example clipping step bu
 materialised per-example gradients must do (see ``clip_floor``); DPSVI's weighted clipping
 materialises none for the weight matrices, so it can beat it. d3p 0.2 on its old stack
 measured 50x (W1), 13x (W2) and 170x (W3) SVI's time.
+
+W4 and W5 are networks registered with ``numpyro.module`` (point-estimated weights, no
+guide latents): W4 the 50-100-1 network of W3 written with ``jax.example_libraries.stax``,
+W5 the VAE of ``examples/vae.py`` on the binarised 8x8 digits (batch 144 = q * N with
+q = 0.1). Only SVI, DPSVI and DPSVI without noise are timed; ``ratio_vs_w3`` divides their
+DPSVI/SVI ratio by W3's (target: at most 1.5).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from jax.example_libraries import stax
 from numpyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from numpyro.infer.autoguide import AutoDiagonalNormal
 
@@ -55,6 +64,27 @@ def bnn_model(x, y, N, hidden=100):
     logits = jnp.tanh(x @ w1 + b1) @ w2 + b2
     with numpyro.plate("data", N, subsample_size=x.shape[0]):
         numpyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
+
+
+def stax_bnn_model(x, y, N, hidden=100):
+    """W3's network as a stax module: weights are parameters (point estimates)."""
+    net = stax.serial(stax.Dense(hidden), stax.Tanh, stax.Dense(1))
+    logits = numpyro.module("net", net, (-1, x.shape[1]))(x)[:, 0]
+    with numpyro.plate("data", N, subsample_size=x.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
+
+
+def empty_guide(x, y, N):
+    pass
+
+
+def load_vae_example():
+    """examples/vae.py as a module (the examples directory is not a package)."""
+    path = Path(__file__).resolve().parent.parent / "examples" / "vae.py"
+    spec = importlib.util.spec_from_file_location("d3p_example_vae", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_data(n, d, seed=0):
@@ -196,13 +226,74 @@ def workloads(quick: bool) -> list[tuple]:
     return [(name, model, n // 10, min(d, 100), q) for name, model, n, d, q in WORKLOADS]
 
 
+def bench_module_workload(name, model, guide, batch, n, kwargs, steps, repeats):
+    """SVI, DPSVI and DPSVI without noise on one fixed ``batch`` of a model without guide
+    latents for the network (numpyro.module weights), interleaved."""
+    optim = numpyro.optim.Adam(STEP_SIZE)
+    row = {"workload": name, "N": n, "d": int(batch[0].shape[1]), "batch": batch[0].shape[0]}
+    loops = {}
+    svi = SVI(model, guide, optim, Trace_ELBO(), **kwargs)
+    svi_state = svi.init(jax.random.PRNGKey(0), *batch)
+    row["params"] = int(sum(v.size for v in jax.tree.leaves(svi.get_params(svi_state))))
+    loops["svi"] = _loop(lambda i, s: svi.update(s, *batch)[0], svi_state, steps), svi_state
+    for col, dp_scale in (("dpsvi", DP_SCALE), ("dpsvi_no_noise", 0.0)):
+        dpsvi = DPSVI(model, guide, optim, Trace_ELBO(), CLIP, dp_scale, **kwargs)
+        state = dpsvi.init(d3p.random.PRNGKey(1), *batch)
+        loops[col] = _loop(lambda i, s, d=dpsvi: d.update(s, *batch)[0], state, steps), state
+    seconds = time_interleaved(
+        {col: functools.partial(fn, s) for col, (fn, s) in loops.items()}, repeats
+    )
+    for col, t in seconds.items():
+        row[f"{col}_ms"] = 1e3 * t / steps
+        if col != "svi":
+            row[f"ratio_{col}"] = t / seconds["svi"]
+    row["backend"] = jax.default_backend()
+    return row
+
+
+def module_workloads(quick: bool, steps: int, repeats: int) -> list[dict]:
+    """W4 (W3's network through numpyro.module) and W5 (the VAE example)."""
+    n, d = (5_000, 50) if quick else (50_000, 50)
+    x, y = make_data(n, d)
+    batch = int(round(0.01 * n))
+    w4 = bench_module_workload(
+        "W4 stax 50-100-1",
+        stax_bnn_model,
+        empty_guide,
+        (x[:batch], y[:batch]),
+        n,
+        {"N": n},
+        steps,
+        repeats,
+    )
+    vae = load_vae_example()
+    digits, _ = vae.load_digits_binary(0)
+    batch = int(round(0.1 * len(digits)))
+    w5 = bench_module_workload(
+        "W5 VAE 8x8 digits",
+        vae.model,
+        vae.guide,
+        (jnp.asarray(digits[:batch]),),
+        len(digits),
+        {"num_obs_total": len(digits)},
+        steps,
+        repeats,
+    )
+    return [w4, w5]
+
+
 def run(quick: bool) -> list[dict]:
-    """Time DPSVI vs SVI on W1-W3 (quick: smaller data, fewer steps, no whole-ELBO column)."""
+    """Time DPSVI vs SVI on W1-W5 (quick: smaller data, fewer steps, no whole-ELBO column)."""
     steps, repeats = (20, 3) if quick else (200, 5)
-    return [
+    rows = [
         bench_workload(name, model, n, d, q, steps, repeats, whole_elbo=not quick)
         for name, model, n, d, q in workloads(quick)
     ]
+    w3_ratio = rows[-1]["ratio_dpsvi"]
+    for row in module_workloads(quick, steps, repeats):
+        row["ratio_vs_w3"] = row["ratio_dpsvi"] / w3_ratio
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":
