@@ -142,25 +142,38 @@ class PrivacyPlan:
             return dp_accounting.NonPrivateDpEvent()
         return dputil.training_dp_event(self.noise_multiplier, **self._accounting())
 
-    def epsilon(self, delta: float, accountant: str = "pld") -> float:
+    @property
+    def accountant(self) -> str:
+        """The default accountant: ``"pld"``, or ``"rdp"`` for fixed-size batches (the only
+        one dp-accounting has for sampling without replacement)."""
+        return "rdp" if self.sampling == "fixed_size" else "pld"
+
+    def epsilon(self, delta: float, accountant: str | None = None) -> float:
         """Epsilon of the whole run at ``delta`` in (0, 1) (an upper bound; inf if no noise).
 
-        ``accountant`` is ``"pld"`` or ``"rdp"``, see :func:`d3p.dputil.compute_epsilon`.
+        ``accountant`` is ``"pld"`` or ``"rdp"`` (default :attr:`accountant`), see
+        :func:`d3p.dputil.compute_epsilon`.
         """
         delta = _validation.real(delta, "delta", 0, 1)
         if self.noise_multiplier == 0:
             return math.inf
         return dputil.compute_epsilon(
-            self.noise_multiplier, delta, accountant=accountant, **self._accounting()
+            self.noise_multiplier,
+            delta,
+            accountant=accountant or self.accountant,
+            **self._accounting(),
         )
 
-    def delta(self, epsilon: float, accountant: str = "pld") -> float:
+    def delta(self, epsilon: float, accountant: str | None = None) -> float:
         """Delta of the whole run at ``epsilon >= 0`` (an upper bound; 1 if no noise)."""
         epsilon = _validation.real(epsilon, "epsilon", 0, math.inf, closed_low=True)
         if self.noise_multiplier == 0:
             return 1.0
         return dputil.compute_delta(
-            self.noise_multiplier, epsilon, accountant=accountant, **self._accounting()
+            self.noise_multiplier,
+            epsilon,
+            accountant=accountant or self.accountant,
+            **self._accounting(),
         )
 
     def with_steps(self, num_steps: int) -> PrivacyPlan:
@@ -218,13 +231,14 @@ class PrivacyPlan:
         target_epsilon: float,
         target_delta: float,
         *,
-        accountant: str = "pld",
+        accountant: str | None = None,
         tol: float = 1e-3,
         **fields: Any,
     ) -> PrivacyPlan:
         """The plan whose noise multiplier spends at most ``target_epsilon`` at ``target_delta``.
 
-        ``fields`` are the fields of :class:`PrivacyPlan` except ``noise_multiplier``.
+        ``fields`` are the fields of :class:`PrivacyPlan` except ``noise_multiplier``;
+        ``accountant`` defaults to the plan's :attr:`accountant`.
         The multiplier is calibrated with :func:`d3p.dputil.calibrate_sigma`
         (``force_smaller=True``): the plan's :meth:`epsilon` lies in
         ``[target_epsilon - tol, target_epsilon]``.
@@ -239,7 +253,7 @@ class PrivacyPlan:
             run.pop("q"),
             run.pop("num_iter"),
             run.pop("relation"),
-            accountant,
+            accountant or plan.accountant,
             tol=tol,
             force_smaller=True,
             **run,

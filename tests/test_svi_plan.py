@@ -178,6 +178,21 @@ def test_plan_event_sampler_and_noise_agree(monkeypatch, no_steps):
         dpsvi.run(debug.PRNGKey(4), 1, x, y, q=0.1, delta=1e-5)
 
 
+def test_fixed_size_plan_runs_and_reports_its_accounting():
+    # fixed-size batches are accounted with the RDP accountant (replace-one relation)
+    plan = PrivacyPlan("fixed_size", N, 1.0, 2.0, 4, batch_size=20, relation="substitute")
+    assert plan.accountant == "rdp"
+    dpsvi = DPSVI(
+        point_model, empty_guide, numpyro.optim.SGD(0.1), Trace_ELBO(), plan=plan, rng_suite=debug
+    )
+    x, y = data()
+    result = dpsvi.run(debug.PRNGKey(0), 2, x, y, delta=1e-5, progress_bar=False)
+    assert result.epsilon == plan.with_steps(2).epsilon(1e-5, "rdp")
+    assert result.dp_event.event == dp_accounting.SampledWithoutReplacementDpEvent(
+        N, 20, dp_accounting.GaussianDpEvent(1.0)
+    )
+
+
 def test_plan_and_legacy_arguments_are_exclusive():
     plan = PrivacyPlan("poisson", N, 2.0, 0.7, num_steps=3, q=0.05)
     loss = Trace_ELBO()
