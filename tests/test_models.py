@@ -35,11 +35,11 @@ if nn is not None:
             return nn.Dense(1)(nn.tanh(nn.Dense(5)(h)))
 
 
-def data():
+def data(n=B):
     rng = np.random.default_rng(0)
     return (
-        jnp.asarray(rng.normal(size=(B, D)), jnp.float32),
-        jnp.asarray(rng.normal(size=B), jnp.float32),
+        jnp.asarray(rng.normal(size=(n, D)), jnp.float32),
+        jnp.asarray(rng.normal(size=n), jnp.float32),
     )
 
 
@@ -117,6 +117,18 @@ def test_model_kind_trains(kind):
     state, loss = jax.jit(dpsvi.update)(state, x, y)
     assert jnp.isfinite(loss)
     leaves = jax.tree.leaves(dpsvi.get_params(state))
+    assert leaves and all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves)
+
+
+@pytest.mark.parametrize("kind", kinds({"tuple", "iaf", "factor"}))  # networks: the examples
+def test_model_kind_trains_with_run(kind):
+    # DPSVI.run (Poisson batches of the N records, accounting) on the same model kinds
+    model, guide = CASES[kind]()
+    x, y = data(N)
+    dpsvi = DPSVI(model, guide, SGD(1e-3), Trace_ELBO(), 1.0, 1.0, rng_suite=debug)
+    result = dpsvi.run(debug.PRNGKey(0), 3, x, y, q=B / N, delta=1e-3, progress_bar=False)
+    assert 0 < float(result.epsilon) < np.inf
+    leaves = jax.tree.leaves(result.params)
     assert leaves and all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves)
 
 
