@@ -805,22 +805,27 @@ class DPSVI:
 
         chunk = -(-num_steps // 50) if progress_bar else num_steps
 
+        loss_dtype = jnp.result_type(float)  # the loss's: it is promoted with this dtype
+
+        def body(state, i, data):
+            new_state, loss = step(state, i, data)
+            return new_state, loss.astype(loss_dtype)
+
+        def body_or_skip(state, i, data):  # for a last chunk that reaches past num_steps
+            skip = (state, jnp.full((), jnp.nan, loss_dtype))
+            return jax.lax.cond(i < num_steps, body, lambda *_: skip, state, i, data)
+
+        # one trace of the step (no eval_shape for the loss type), and no cond when every
+        # chunk is full (always without a progress bar)
         @jax.jit
         def run_chunk(state, start, data):
-            def body(state, i):
-                def skip(s):
-                    return s, jnp.full((), jnp.nan, loss_type.dtype)
-
-                def take(s, i):
-                    return step(s, i, data)
-
-                return jax.lax.cond(i < num_steps, take, lambda s, _: skip(s), state, i)
-
-            return jax.lax.scan(body, state, start + jnp.arange(chunk))
+            scan_body = body_or_skip if num_steps % chunk else body
+            return jax.lax.scan(
+                lambda s, i: scan_body(s, i, data), state, start + jnp.arange(chunk)
+            )
 
         losses = []
         with in_mesh, tqdm.trange(num_steps, disable=not progress_bar) as bar:
-            loss_type = jax.eval_shape(step, state, 0, data)[1]
             for start in range(0, num_steps, chunk):
                 state, chunk_losses = run_chunk(state, start, data)
                 losses.append(chunk_losses)
