@@ -88,12 +88,23 @@ def data_factor_model(x, y):
         numpyro.sample("y", dist.Normal(x @ w, 1.0), obs=y)
 
 
+def conv_model(x, y):
+    # a convolution over the D features: its kernel meets the data in conv_general_dilated,
+    # which the weighted clipping does not recognise
+    conv = stax.GeneralConv(("NHC", "HIO", "NHC"), 2, (2,))
+    net = stax.serial(conv, stax.Tanh, stax.Flatten, stax.Dense(1))
+    h = numpyro.module("net", net, (-1, D, 1))(x[:, :, None])
+    with numpyro.plate("data", N, subsample_size=x.shape[0]):
+        numpyro.sample("y", dist.Normal(h[:, 0], 1.0), obs=y)
+
+
 def empty_guide(x, y):
     pass
 
 
 CASES = {
     "stax": lambda: (stax_model, empty_guide),
+    "conv": lambda: (conv_model, empty_guide),
     "flax": flax_case,
     "tuple": lambda: (tuple_model, empty_guide),
     "iaf": lambda: (linear_model, AutoIAFNormal(linear_model, num_flows=1, hidden_dims=[4])),
@@ -275,3 +286,28 @@ def test_dense_layers_take_the_weighted_path(monkeypatch, kind):
     np.testing.assert_allclose(
         weighted, exact, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(exact)))
     )
+
+
+def test_unrecognised_layers_take_the_exact_path(monkeypatch):
+    # Only the Dense kernel is tapped; the convolution's kernel and every bias get their
+    # per-example gradients in full, and the step equals the exact path's.
+    plans = []
+    original = _clipping.plan_taps
+
+    def spy(*args):
+        plans.append(original(*args))
+        return plans[-1]
+
+    monkeypatch.setattr(_clipping, "plan_taps", spy)
+    dpsvi, state, change, (_, _, x, y) = privacy_setup("conv")
+    everyone = jnp.ones(B, bool)
+    weighted = flat(change(state, x, y, everyone))
+    monkeypatch.setattr(_clipping, "weighted_global_clipping", lambda *args: None)
+    _, _, exact_change, _ = privacy_setup("conv")
+    exact = flat(exact_change(state, x, y, everyone))
+    (plan,) = plans
+    leaf_shapes = [v.aval.shape for v in plan.closed.jaxpr.invars]
+    assert [leaf_shapes[g.leaf] for g in plan.ghosts] == [(2 * (D - 1), 1)]
+    assert sorted(leaf_shapes[i] for i in plan.dense) == [(1,), (1, 1, 2), (2, 1, 2)]
+    scale = float(jnp.max(jnp.abs(exact)))
+    np.testing.assert_allclose(weighted, exact, rtol=1e-5, atol=1e-5 * scale)
