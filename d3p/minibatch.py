@@ -49,6 +49,7 @@ reproducible and independent across steps, and ``get_batch`` works with a traced
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable
@@ -169,6 +170,7 @@ def _gather(dataset: Dataset, idx: jax.Array, mask: jax.Array) -> Dataset:
     return tuple(take(x) for x in dataset)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def _permutation(rng_key: jax.Array, n: int, rng_suite: ModuleType) -> jax.Array:
     """A uniformly random permutation of ``range(n)`` (int32), by sorting 64-bit keys.
 
@@ -204,6 +206,7 @@ class _StreamState(NamedTuple):
     count: jax.Array  # number of valid entries of ``out``
 
 
+@functools.partial(jax.jit, static_argnums=(1, 3, 4))
 def _ordered_sample(
     rng_key: jax.Array, capacity: int, target: jax.Array | int, n: int, rng_suite: ModuleType
 ) -> jax.Array:
@@ -410,23 +413,41 @@ def poisson_batchify_data(
             f"got {handle_oversized_batch!r}"
         )
     thresholds = _size_thresholds(n, q, size)
-    can_overflow = size < n
     kept_if_oversized = size if handle_oversized_batch == "truncate" else 0
     num_batches = max(1, int(1.0 / q))
+    draw = functools.partial(
+        _poisson_batch, size=size, kept_if_oversized=kept_if_oversized, rng_suite=rng_suite
+    )
 
     def init(rng_key: jax.Array) -> tuple[int, jax.Array]:
         return num_batches, rng_key
 
     def get_batch(i: jax.Array | int, state: jax.Array) -> tuple[Dataset, jax.Array]:
-        size_key, member_key = rng_suite.split(rng_suite.fold_in(state, i), 2)
-        drawn = _poisson_size(size_key, thresholds, rng_suite)
-        if can_overflow:
-            drawn = jnp.where(drawn > size, kept_if_oversized, drawn)
-        idx = _ordered_sample(member_key, size, drawn, n, rng_suite)
-        mask = jnp.arange(size) < drawn
-        return _gather(arrays, idx, mask), mask
+        return draw(arrays, thresholds, i, state)
 
     return init, get_batch
+
+
+@functools.partial(jax.jit, static_argnames=("size", "kept_if_oversized", "rng_suite"))
+def _poisson_batch(
+    arrays: Dataset,
+    thresholds: tuple[jax.Array, jax.Array],
+    i: jax.Array | int,
+    state: jax.Array,
+    *,
+    size: int,
+    kept_if_oversized: int,
+    rng_suite: ModuleType,
+) -> tuple[Dataset, jax.Array]:
+    """The Poisson batch of step ``i`` (one compiled program per shape and static config)."""
+    n = arrays[0].shape[0]
+    size_key, member_key = rng_suite.split(rng_suite.fold_in(state, i), 2)
+    drawn = _poisson_size(size_key, thresholds, rng_suite)
+    if size < n:
+        drawn = jnp.where(drawn > size, kept_if_oversized, drawn)
+    idx = _ordered_sample(member_key, size, drawn, n, rng_suite)
+    mask = jnp.arange(size) < drawn
+    return _gather(arrays, idx, mask), mask
 
 
 # ------------------------------------------------------------ fixed-size batches
@@ -479,19 +500,44 @@ def subsample_batchify_data(
     arrays, n = _check_dataset(dataset)
     size = _resolve_batch_size(batch_size, q, n, None if with_replacement else n)
     num_batches = max(1, n // size)
+    draw = functools.partial(
+        _subsample_batch,
+        size=size,
+        with_replacement=bool(with_replacement),
+        rng_suite=rng_suite,
+        return_mask=bool(return_mask),
+    )
 
     def init(rng_key: jax.Array) -> tuple[int, jax.Array]:
         return num_batches, rng_key
 
     def get_batch(i: jax.Array | int, state: jax.Array) -> Any:
-        key = rng_suite.fold_in(state, i)
-        if with_replacement:
-            idx = rng_suite.randint(key, (size,), 0, n, dtype=jnp.int32)
-        else:
-            idx = _ordered_sample(key, size, size, n, rng_suite)
-        return _with_mask(_gather(arrays, idx, jnp.ones(size, bool)), return_mask)
+        return draw(arrays, i, state)
 
     return init, get_batch
+
+
+@functools.partial(
+    jax.jit, static_argnames=("size", "with_replacement", "rng_suite", "return_mask")
+)
+def _subsample_batch(
+    arrays: Dataset,
+    i: jax.Array | int,
+    state: jax.Array,
+    *,
+    size: int,
+    with_replacement: bool,
+    rng_suite: ModuleType,
+    return_mask: bool,
+) -> Any:
+    """The fixed-size batch of step ``i`` (one compiled program per shape and static config)."""
+    n = arrays[0].shape[0]
+    key = rng_suite.fold_in(state, i)
+    if with_replacement:
+        idx = rng_suite.randint(key, (size,), 0, n, dtype=jnp.int32)
+    else:
+        idx = _ordered_sample(key, size, size, n, rng_suite)
+    return _with_mask(_gather(arrays, idx, jnp.ones(size, bool)), return_mask)
 
 
 def split_batchify_data(
@@ -538,8 +584,17 @@ def split_batchify_data(
         return num_batches, _permutation(rng_key, n, rng_suite)
 
     def get_batch(i: jax.Array | int, state: jax.Array) -> Any:
-        start = (jnp.asarray(i, jnp.int32) % num_batches) * size
-        idx = lax.dynamic_slice_in_dim(state, start, size)
-        return _with_mask(_gather(arrays, idx, jnp.ones(size, bool)), return_mask)
+        return _split_batch(arrays, i, state, size=size, return_mask=bool(return_mask))
 
     return init, get_batch
+
+
+@functools.partial(jax.jit, static_argnames=("size", "return_mask"))
+def _split_batch(
+    arrays: Dataset, i: jax.Array | int, permutation: jax.Array, *, size: int, return_mask: bool
+) -> Any:
+    """Slice ``i mod num_batches`` of the epoch's permutation, gathered."""
+    num_batches = permutation.shape[0] // size
+    start = (jnp.asarray(i, jnp.int32) % num_batches) * size
+    idx = lax.dynamic_slice_in_dim(permutation, start, size)
+    return _with_mask(_gather(arrays, idx, jnp.ones(size, bool)), return_mask)

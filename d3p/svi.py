@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import tqdm
 from jax.flatten_util import ravel_pytree
 from numpyro.infer import SVI, Trace_ELBO
@@ -57,6 +58,12 @@ _INIT_STREAM = 0x7FFFFFFF
 # size (truncation probability per step 1e-6, 1e-9, ...). The first is used unless the run has a
 # privacy budget that the truncated-sampling accounting would exceed; then larger ones are tried.
 _BATCH_QUANTILES = (1 - 1e-6, 1 - 1e-9, 1 - 1e-12, 1 - 1e-15)
+
+
+def _is_array_tree(value: Any) -> bool:
+    """True if ``value`` is a pytree with at least one leaf, all of them arrays."""
+    leaves = jax.tree.leaves(value)
+    return bool(leaves) and all(isinstance(x, jax.Array | np.ndarray) for x in leaves)
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,6 +397,7 @@ class DPSVI:
         self._warned_normaliser = False
         self._first_batch_size: int | None = None
         self._warned_lengths = False
+        self._compiled: dict[str, tuple] = {}
 
     def _check_components(self, allow_none: bool = False) -> None:
         """Validate model, guide and loss; ``None`` only fails when they are needed.
@@ -499,7 +507,7 @@ class DPSVI:
         _sharding.check_divisible(batch_size, _sharding.context_shards())
         mask_array = _validation.mask(mask, batch_size)
         normaliser = self._normaliser(batch_size, masked=mask is not None and jnp.ndim(mask) > 0)
-        return self._update(svi_state, args, kwargs, mask_array, normaliser)
+        return self._call_compiled(self._update, svi_state, args, kwargs, mask_array, normaliser)
 
     def evaluate(
         self, svi_state: DPSVIState, *args: Any, mask: Any = True, **kwargs: Any
@@ -512,16 +520,7 @@ class DPSVI:
         args, batch_size = _validation.batch(args)
         mask_array = _validation.mask(mask, batch_size)
         normaliser = self._normaliser(batch_size, masked=mask is not None and jnp.ndim(mask) > 0)
-        mask = mask_array
-        _, jax_key, _, params, kwargs = self._step_inputs(svi_state, kwargs)
-        obs_scale = svi_state.observation_scale
-        values, global_loss = None, 0.0
-        if self._split_elbo:
-            values, global_loss = self._global_part(params, jax_key, zero_examples(args), kwargs)
-        losses = jax.vmap(
-            lambda ex, i: self._example_loss(params, values, jax_key, ex, kwargs, i, obs_scale)
-        )(add_examples_axis(args), jnp.arange(batch_size))
-        return jnp.sum(jnp.where(mask, losses, 0.0)) * (obs_scale / normaliser) + global_loss
+        return self._call_compiled(self._evaluate, svi_state, args, kwargs, mask_array, normaliser)
 
     def get_epsilon(
         self,
@@ -1041,6 +1040,65 @@ class DPSVI:
             # optax wrappers want the loss value; the loss is not private, so never pass it
             return self.optim.update(grads, optim_state, value=jnp.array(jnp.nan))
         return self.optim.update(grads, optim_state)
+
+    def _call_compiled(
+        self,
+        method: Callable,
+        state: DPSVIState,
+        args: tuple,
+        kwargs: dict,
+        mask: jax.Array,
+        normaliser: float,
+    ) -> Any:
+        """``method(state, args, kwargs, mask, normaliser)`` through a cached ``jax.jit``.
+
+        Called un-jitted in a Python loop, each step then reuses one compiled program per
+        input shape instead of recompiling its loops every call. Array-valued keyword
+        arguments are traced; the others (e.g. ``num_obs_total``) are static and must be
+        hashable, else the call runs un-jitted. The cache is keyed on everything the traced
+        step reads from ``self``, so changing e.g. ``dp_scale`` takes effect (a stale noise
+        scale is never used).
+        """
+        dynamic = {k: v for k, v in kwargs.items() if _is_array_tree(v)}
+        static = tuple(sorted((k, v) for k, v in kwargs.items() if k not in dynamic))
+        try:
+            hash(static)
+        except TypeError:
+            return method(state, args, kwargs, mask, normaliser)
+        layout, config = (
+            self._layout,
+            (
+                self.dp_scale,
+                self.clipping_threshold,
+                self.chunk_size,
+                self.per_example_loss,
+                self.optim,
+                self.rng_suite,
+            ),
+        )
+        cached = self._compiled.get(method.__name__)
+        if cached is None or cached[0] is not layout or cached[1] != config:
+
+            def call(state, args, dynamic, mask, normaliser, static):
+                return method(state, args, {**dynamic, **dict(static)}, mask, normaliser)
+
+            cached = (layout, config, jax.jit(call, static_argnums=5))
+            self._compiled[method.__name__] = cached
+        return cached[2](state, args, dynamic, mask, normaliser, static)
+
+    def _evaluate(
+        self, state: DPSVIState, args: tuple, kwargs: dict, mask: jax.Array, normaliser: float
+    ) -> jax.Array:
+        batch_size = args[0].shape[0]
+        _, jax_key, _, params, kwargs = self._step_inputs(state, kwargs)
+        obs_scale = state.observation_scale
+        values, global_loss = None, 0.0
+        if self._split_elbo:
+            values, global_loss = self._global_part(params, jax_key, zero_examples(args), kwargs)
+        losses = jax.vmap(
+            lambda ex, i: self._example_loss(params, values, jax_key, ex, kwargs, i, obs_scale)
+        )(add_examples_axis(args), jnp.arange(batch_size))
+        return jnp.sum(jnp.where(mask, losses, 0.0)) * (obs_scale / normaliser) + global_loss
 
     def _update(
         self, state: DPSVIState, args: tuple, kwargs: dict, mask: jax.Array, normaliser: float

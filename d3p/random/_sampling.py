@@ -9,6 +9,7 @@ rng suites get the same distributions from their own generator.
 
 from __future__ import annotations
 
+import functools
 import operator
 import warnings
 from collections.abc import Callable, Sequence
@@ -245,6 +246,35 @@ def _int_bounds(minval, maxval, info: np.iinfo, word: np.dtype) -> tuple[jax.Arr
     return lo, span
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 3))
+def _rejection_words(
+    random_bits: BitSource, fold_in: KeyFolder, key: jax.Array, shape: tuple[int, ...], span
+) -> jax.Array:
+    """Uniform words modulo ``span`` (0: the whole word range), by rejection (see :func:`randint`).
+
+    Jitted with the bit source, key folder and shape static, so un-jitted callers
+    reuse one compiled loop per shape instead of recompiling its closures each call.
+    """
+    word = span.dtype
+    full_range = span == 0
+    safe_span = jnp.where(full_range, np.array(1, word), span)
+    threshold = jnp.where(full_range, np.array(0, word), (np.array(0, word) - span) % safe_span)
+
+    def body(state):
+        i, out, done = state
+        w = random_bits(fold_in(key, i), jnp.iinfo(word).bits, shape)
+        accept = (w >= threshold) & ~done
+        value = jnp.where(full_range, w, w % safe_span)
+        return i + 1, jnp.where(accept, value, out), done | accept
+
+    init = (
+        jnp.uint32(0),
+        jnp.zeros(shape, word),
+        jnp.zeros(shape, bool),
+    )
+    return lax.while_loop(lambda s: ~jnp.all(s[2]), body, init)[1]
+
+
 def randint(
     random_bits: BitSource,
     fold_in: KeyFolder,
@@ -269,21 +299,5 @@ def randint(
     lo, span = _int_bounds(minval, maxval, info, word)
     if jnp.broadcast_shapes(shape, lo.shape, span.shape) != shape:
         raise ValueError(f"randint: minval/maxval do not broadcast to shape {shape}")
-    full_range = span == 0
-    safe_span = jnp.where(full_range, np.array(1, word), span)
-    threshold = jnp.where(full_range, np.array(0, word), (np.array(0, word) - span) % safe_span)
-
-    def body(state):
-        i, out, done = state
-        w = random_bits(fold_in(key, i), jnp.iinfo(word).bits, shape)
-        accept = (w >= threshold) & ~done
-        value = jnp.where(full_range, w, w % safe_span)
-        return i + 1, jnp.where(accept, value, out), done | accept
-
-    init = (
-        jnp.uint32(0),
-        jnp.zeros(shape, word),
-        jnp.zeros(shape, bool),
-    )
-    _, out, _ = lax.while_loop(lambda s: ~jnp.all(s[2]), body, init)
+    out = _rejection_words(random_bits, fold_in, key, shape, span)
     return (lo + out).astype(dtype)
