@@ -320,3 +320,84 @@ def test_bad_input_raises_value_error(call, name):
 def test_bad_type_raises_type_error(call, name):
     with pytest.raises(TypeError, match=rf"\b{name}\b"):
         call()
+
+
+# ------------------------------------------------------------ batch-size law
+
+
+def _mp_binomial_cdf_sf(n, q, ks):
+    """``{k: (P(B <= k), P(B > k))}`` for ``B ~ Binomial(n, q)`` with 40 significant digits.
+
+    Independent of scipy: sums the pmf (log-gamma start, then the ratio recurrence) over
+    ``mean +- 60 sd``; the mass outside is below 1e-700 (Chernoff), far below the checked
+    1e-12.
+    """
+    import mpmath
+
+    mpmath.mp.dps = 40
+    mean, sd = n * q, math.sqrt(n * q * (1 - q))
+    lo, hi = max(0, int(mean - 60 * sd)), min(n, int(mean + 60 * sd) + 1)
+    q_mp = mpmath.mpf(q)
+    log_pmf = (
+        mpmath.loggamma(n + 1)
+        - mpmath.loggamma(lo + 1)
+        - mpmath.loggamma(n - lo + 1)
+        + lo * mpmath.log(q_mp)
+        + (n - lo) * mpmath.log1p(-q_mp)
+    )
+    pmf, ratio = mpmath.exp(log_pmf), q_mp / (1 - q_mp)
+    partial, cdf = mpmath.mpf(0), {}
+    for j in range(lo, hi + 1):
+        partial += pmf
+        if j in ks:
+            cdf[j] = partial
+        pmf *= (n - j) * ratio / (j + 1)
+    return {k: (cdf[k], partial - cdf[k]) for k in ks}
+
+
+@pytest.mark.parametrize("n, q", [(10**8, 0.01), (10**10, 1e-5)])
+def test_batch_size_table_matches_high_precision(n, q):
+    """The size thresholds are within 1e-12 of the exact CDF; tails within 1e-9 relative.
+
+    The old cumulative-sum table was off by 1.3e-7 at n = 1e8, q = 0.01.
+    """
+    size = mb.structural_batch_size(n, q, 1 - 1e-9)
+    hi, lo = mb._size_thresholds(n, q, size)
+    thresholds = (hi.astype(np.uint64) << np.uint64(32)) | lo.astype(np.uint64)
+    mean, sd = n * q, math.sqrt(n * q * (1 - q))
+    ks = {int(mean - 5 * sd), int(mean), int(mean + 2 * sd), int(mean + 5 * sd), size}
+    exact = _mp_binomial_cdf_sf(n, q, ks)
+    for k, (cdf, sf) in exact.items():
+        table_sf = (2**64 - int(thresholds[k])) / 2**64
+        assert abs(int(thresholds[k]) / 2**64 - float(cdf)) <= 1e-12, k
+        assert abs(table_sf - float(sf)) <= 1e-9 * float(sf) + 2**-64, k
+    # the truncation probability at the structural size is at most the quantile's 1e-9
+    assert float(exact[size][1]) <= 1e-9
+
+
+def test_with_replacement_warns_no_accountant():
+    with pytest.warns(UserWarning, match="no accountant"):
+        mb.subsample_batchify_data((jnp.arange(10),), 3, with_replacement=True)
+
+
+def test_d3p02_batchifier_contract():
+    """d3p 0.2's interface: numpy scalars, init under jit, N // int(q N) Poisson batches."""
+    data = (jnp.arange(10.0),)
+    key = mb.d3p.random.PRNGKey(1)
+    init, get_batch = mb.poisson_batchify_data(data, np.float64(0.15), 0.99)
+    assert init(key)[0] == 10 // int(0.15 * 10) == 10
+    _, state = jax.jit(init)(key)
+    batch, mask = get_batch(np.int64(2), state)
+    assert batch[0].shape == mask.shape
+    for make in (mb.subsample_batchify_data, mb.split_batchify_data):
+        init, get_batch = make(data, np.int64(3))
+        num, _ = init(key)
+        _, state = jax.jit(init)(key)
+        assert num == 3 and isinstance(num, int)
+
+        def rows(s, num=num, get_batch=get_batch):
+            return jax.lax.fori_loop(0, num, lambda i, a: a + get_batch(i, s)[0], jnp.zeros(3))
+
+        assert jax.jit(rows)(state).shape == (3,)
+        init, _ = make(data, q=np.float32(0.3))
+        assert init(key)[0] == 3

@@ -311,7 +311,9 @@ def test_clipping_through_the_global_sample(monkeypatch, guide_class, weighted):
     grad_nan, state_nan, _ = sgd_gradient(dpsvi, state, x.at[5].set(jnp.nan), y)
     assert tree_max_diff(grad_nan, expected(jnp.arange(B) != 5)) < 1e-5 * scale
     assert int(state_nan.num_nonfinite_grads) == 1
-    assert taken == [weighted, weighted]
+    # every traced update took the expected path (DPSVI caches its compiled step, so the
+    # second update, same shapes, may reuse the first trace)
+    assert taken and set(taken) == {weighted}
 
 
 def bnn_model(x, y, N=N_TOTAL, hidden=6):
