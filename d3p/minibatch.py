@@ -9,24 +9,45 @@ is fast but not secure).
 
 Design (exact, cost independent of ``N`` for Poisson and fixed-size batches):
 
-* **Poisson batch size.** The number of records in a Poisson batch is
-  ``B ~ Binomial(N, q)``. ``B`` is drawn by inversion: the cumulative
-  distribution ``P(B <= k)`` for ``k = 0..max_batch_size`` is computed once on
-  the host in float64 with ``scipy.stats.binom`` (lower half from the CDF, upper
-  half from the survival function, so tail probabilities keep their relative
-  precision at any ``N``), scaled to 64-bit integer thresholds, and compared
-  with one uniform 64-bit word (two 32-bit words, so the comparison is as fine as
-  the float64 table in both x32 and x64 mode). The draw is *oversized* exactly
-  when the word lies beyond ``P(B <= max_batch_size)``. Cost O(max_batch_size).
-* **Members.** Given the size, the members are a uniformly random subset of that
-  size: the first ``B`` entries of a uniformly random *ordered* sample without
-  replacement (every prefix of such a sample is a uniform subset of its size).
-  Since ``B`` records drawn independently with probability ``q`` form a uniform
-  ``B``-subset, the batch has exactly the Poisson distribution. Under
-  ``"truncate"`` an oversized draw keeps ``max_batch_size`` records; a uniform
-  ``M``-subset of a uniform ``B``-subset is a uniform ``M``-subset, so those are
-  drawn directly (this is the truncation assumed by dp-accounting's
-  ``TruncatedSubsampledGaussianDpEvent``).
+* **Poisson batches, sparse path** (used when ``-N log(1 - q)`` plus ten standard
+  deviations is at most ``N``, i.e. ``q`` below about 0.6; cost
+  O(K log K) with ``K`` about ``q * N``, independent of ``N``). *Poissonisation*:
+  draw ``K ~ Poisson(lam)`` with ``lam = -N log(1 - q)``, then ``K`` i.i.d. uniform
+  record indices. The number of draws that hit each record are then independent
+  Poisson(``lam / N``) variables (splitting property of the Poisson distribution), so
+  each record is hit, independently of all others, with probability
+  ``1 - exp(-lam / N) = q``: the set of distinct hit records *is* a Poisson sample.
+  It is found with one sort of the ``K`` indices (already in increasing order, no
+  positions or scatter over ``N`` needed). ``K`` is drawn by inversion of a table of
+  ``P(K <= k)`` from ``scipy.stats.poisson`` (see the 64-bit inversion below), cut at a
+  length ``kmax`` with ``P(K >= kmax) <= 2**-66``; the indices come from the secure
+  stream with unbiased rejection (and an exact fallback to ``rng_suite.randint`` in
+  the rare call where the stream block is short). The batch is *oversized* when more
+  than ``max_batch_size`` distinct records are hit, which happens with probability
+  exactly ``P(Binomial(N, q) > max_batch_size)``, the truncation probability the
+  accountant assumes. Under ``"truncate"`` an oversized batch keeps
+  ``max_batch_size`` records chosen uniformly among the hit ones; a uniform
+  ``M``-subset of a uniform ``B``-subset is a uniform ``M``-subset, so those are drawn
+  directly with :func:`sample_without_replacement` (this is the truncation assumed
+  by dp-accounting's ``TruncatedSubsampledGaussianDpEvent``). A geometric-gap draw
+  (cumulative sums of Geometric(q) gaps) was not used: it needs ``log`` of uniforms
+  in float64, which x32 mode does not have, and in float32 the gaps would be off by
+  about 1e-7 relative.
+* **Poisson batches, dense path** (large ``q``). The number of records in a Poisson
+  batch is ``B ~ Binomial(N, q)``, drawn by inversion from ``scipy.stats.binom``;
+  given ``B``, the members are a uniformly random subset of that size: the first
+  ``B`` entries of a uniformly random *ordered* sample without replacement (every
+  prefix of such a sample is a uniform subset of its size). Since ``B`` records
+  drawn independently with probability ``q`` form a uniform ``B``-subset, the batch
+  has exactly the Poisson distribution; truncation as above.
+* **64-bit inversion.** A count with cumulative distribution ``F`` is drawn as the
+  number of thresholds ``T_k ~ F(k) * 2**64`` at or below one uniform 64-bit word
+  (two 32-bit words, so the comparison is as fine as the float64 table in both x32
+  and x64 mode). ``F`` is computed once on the host in float64 (lower half from the
+  CDF, upper half from the survival function, so tail probabilities keep their
+  relative precision at any ``N``: within 1e-12 of mpmath at ``N = 1e10``). Every
+  probability of the drawn count is thus a multiple of ``2**-64``, off by less than
+  ``2**-64`` from the float64 value.
 * **Ordered sample without replacement** (:func:`sample_without_replacement`):
   the distinct values of an i.i.d. uniform stream over ``[0, N)``, taken in the
   order of their first occurrence, are a uniformly random ordered sample without
@@ -75,6 +96,9 @@ __all__ = [
     "structural_batch_size",
     "subsample_batchify_data",
 ]
+
+# P(K >= table length) for the count K ~ Poisson(lam) of the sparse Poisson path.
+_HIT_TABLE_TAIL = 2.0**-66
 
 Dataset = tuple[jax.Array, ...]
 BatchifierInit = Callable[[jax.Array], tuple[int, Any]]
@@ -316,24 +340,16 @@ def structural_batch_size(N: int, q: float, max_batch_size: int | float) -> int:
     return _check_max_batch_size(max_batch_size, n, _check_q(q))
 
 
-def _size_thresholds(n: int, q: float, max_batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """High and low uint32 words of the 64-bit thresholds ``T_k ~ P(B <= k) * 2**64``.
+def _inversion_thresholds(cdf: np.ndarray, sf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """High and low uint32 words of 64-bit thresholds ``T_k ~ cdf[k] * 2**64``.
 
-    ``k`` runs over ``0..max_batch_size`` when a draw can be oversized
-    (``max_batch_size < n``), else over ``0..n - 1``. A uniform 64-bit word ``w`` gives
-    the size ``#{k : w >= T_k}``, so ``P(size > k) = 1 - T_k / 2**64``.
-
-    ``P(B <= k)`` and ``P(B > k)`` come from ``scipy.stats.binom`` (Boost's regularised
-    incomplete beta, relative error about 1e-15 at any ``n``; tested against mpmath at
-    ``n = 1e8`` and ``1e10``). Where ``P(B <= k) <= 1/2`` the threshold is
-    ``floor(cdf * 2**64)``, else ``2**64 - ceil(sf * 2**64)`` computed from the upper tail,
-    so the tail probabilities the accountant uses (the truncation event ``B > M``) are
-    carried with their full relative precision instead of as ``1 - cdf``; each is rounded
-    up by less than ``2**-64``.
+    A uniform 64-bit word ``w`` gives the count ``#{k : w >= T_k}``, so
+    ``P(count > k) = 1 - T_k / 2**64`` (:func:`_count_below`). Where ``cdf <= 1/2`` the
+    threshold is ``floor(cdf * 2**64)``, else ``2**64 - ceil(sf * 2**64)`` from the upper
+    tail ``sf = 1 - cdf``, so tail probabilities (the truncation event the accountant
+    uses) keep their full float64 relative precision instead of being formed as
+    ``1 - cdf``; each is rounded up by less than ``2**-64``.
     """
-    kmax = min(max_batch_size, n - 1)
-    k = np.arange(kmax + 1)
-    cdf, sf = stats.binom.cdf(k, n, q), stats.binom.sf(k, n, q)
     lower = np.floor(np.ldexp(np.minimum(cdf, 0.5), 64)).astype(np.uint64)
     # 2**64 - ceil(x) == (2**64 - 1) - (ceil(x) - 1) in uint64; sf == 0 saturates at 2**64 - 1
     tail = np.maximum(np.ceil(np.ldexp(np.minimum(sf, 0.5), 64)), 1.0).astype(np.uint64)
@@ -342,14 +358,76 @@ def _size_thresholds(n: int, q: float, max_batch_size: int) -> tuple[np.ndarray,
     return (words >> np.uint64(32)).astype(np.uint32), words.astype(np.uint32)
 
 
-def _poisson_size(
-    rng_key: jax.Array, thresholds: tuple[np.ndarray, np.ndarray], rng_suite: ModuleType
+def _size_thresholds(n: int, q: float, max_batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Thresholds for drawing ``B ~ Binomial(n, q)`` by inversion (dense path).
+
+    ``k`` runs over ``0..max_batch_size`` when a draw can be oversized
+    (``max_batch_size < n``), else over ``0..n - 1``. ``P(B <= k)`` and ``P(B > k)`` come
+    from ``scipy.stats.binom`` (Boost's regularised incomplete beta, relative error about
+    1e-15 at any ``n``; tested against mpmath at ``n = 1e8`` and ``1e10``).
+    """
+    k = np.arange(min(max_batch_size, n - 1) + 1)
+    return _inversion_thresholds(stats.binom.cdf(k, n, q), stats.binom.sf(k, n, q))
+
+
+def _hit_plan(n: int, q: float) -> tuple[float, int] | None:
+    """``(lam, kmax)`` of the sparse Poisson path, or None when it would cost more than ``n``.
+
+    ``lam = -n log(1 - q)`` is the expected number of uniform draws; ``kmax`` is the
+    smallest table length found with ``P(Poisson(lam) >= kmax) <= 2**-66`` (about
+    ``lam + 9.5 sqrt(lam)``), so capping the count at ``kmax`` changes its law by less
+    than the ``2**-64`` rounding of the inversion itself.
+    """
+    if q >= 1.0:
+        return None
+    lam = -n * math.log1p(-q)
+    kmax = math.ceil(lam + 9.0 * math.sqrt(lam) + 30.0)
+    while stats.poisson.sf(kmax - 1, lam) > _HIT_TABLE_TAIL:
+        kmax += 1 + math.isqrt(kmax) // 8
+    return (lam, kmax) if kmax <= n else None
+
+
+def _count_below(
+    rng_key: jax.Array, thresholds: tuple[jax.Array, jax.Array], rng_suite: ModuleType
 ) -> jax.Array:
-    """Binomial batch size by inversion: the number of thresholds at or below one 64-bit word."""
+    """A count drawn by inversion: the number of thresholds at or below one 64-bit word."""
     hi, lo = thresholds
     word = rng_suite.random_bits(rng_key, 32, (2,))
     below = (word[0] > hi) | ((word[0] == hi) & (word[1] >= lo))
     return jnp.sum(below, dtype=jnp.int32)
+
+
+def _distinct_hits(
+    keys: jax.Array, count: jax.Array, length: int, n: int, size: int, rng_suite: ModuleType
+) -> tuple[jax.Array, jax.Array]:
+    """The distinct values among ``count`` i.i.d. uniform draws from ``[0, n)``.
+
+    Returns the first ``size`` of them in increasing order (padded with 0) and how many
+    there are. The draws come from ``length`` 32-bit words, a word ``w`` being used (as
+    ``w mod n``) only if ``w >= 2**32 mod n`` (unbiased rejection inside the stream). In
+    the rare call where fewer than ``count`` words are used, all draws are taken from
+    ``rng_suite.randint`` instead; both give ``count`` i.i.d. uniform values whatever
+    ``count`` is, so the result stays exact. One sort of ``length`` values, no scatter
+    over ``n``.
+    """
+    stream_key, spare_key = keys
+    words = rng_suite.random_bits(stream_key, 32, (length,))
+    used = words >= np.uint32(2**32 % n)
+    rank = jnp.cumsum(used, dtype=jnp.int32)
+    values = (words % np.uint32(n)).astype(jnp.int32)
+
+    def exact_stream(_):
+        values = rng_suite.randint(spare_key, (length,), 0, n, dtype=jnp.int32)
+        return values, jnp.arange(length) < count
+
+    values, valid = lax.cond(
+        rank[-1] < count, exact_stream, lambda _: (values, used & (rank <= count)), None
+    )
+    hits = lax.sort(jnp.where(valid, values, n))
+    first = (hits < n) & jnp.concatenate([jnp.ones(1, bool), hits[1:] != hits[:-1]])
+    pos = jnp.where(first, jnp.cumsum(first, dtype=jnp.int32) - 1, size)
+    idx = jnp.zeros(size, jnp.int32).at[pos].set(hits, mode="drop")
+    return idx, jnp.sum(first, dtype=jnp.int32)
 
 
 def poisson_batchify_data(
@@ -363,8 +441,11 @@ def poisson_batchify_data(
 
     This is the sampling assumed by Poisson-subsampled privacy accounting
     (:mod:`d3p.dputil`). Batches have the fixed structural size ``max_batch_size``;
-    rows beyond the drawn batch size are zero and masked out. Cost per batch
-    O(max_batch_size log max_batch_size), independent of the number of records.
+    rows beyond the drawn batch size are zero and masked out; the real rows of a batch
+    that was not truncated are in increasing record order (for ``q`` below about 0.6).
+    Cost per batch
+    O(q N log(q N)), independent of the number of records ``N`` (see the module
+    docstring for the exact method).
 
     Parameters
     ----------
@@ -409,11 +490,24 @@ def poisson_batchify_data(
             f"handle_oversized_batch must be one of {OVERSIZED_MODES}, "
             f"got {handle_oversized_batch!r}"
         )
-    thresholds = _size_thresholds(n, q, size)
-    kept_if_oversized = size if handle_oversized_batch == "truncate" else 0
+    plan = _hit_plan(n, q)
+    if plan is None:
+        thresholds = _size_thresholds(n, q, size)
+        length = 0
+    else:
+        lam, kmax = plan
+        k = np.arange(kmax)
+        thresholds = _inversion_thresholds(stats.poisson.cdf(k, lam), stats.poisson.sf(k, lam))
+        # enough 32-bit words for kmax used draws in almost every call (else exact fallback)
+        length = math.ceil(kmax / (1.0 - (2**32 % n) / 2**32)) + 16
+    thresholds = tuple(jnp.asarray(t) for t in thresholds)
     num_batches = n // max(1, int(q * n))
     draw = functools.partial(
-        _poisson_batch, size=size, kept_if_oversized=kept_if_oversized, rng_suite=rng_suite
+        _poisson_batch,
+        size=size,
+        truncate=handle_oversized_batch == "truncate",
+        length=length,
+        rng_suite=rng_suite,
     )
 
     def init(rng_key: jax.Array) -> tuple[int, jax.Array]:
@@ -425,7 +519,7 @@ def poisson_batchify_data(
     return init, get_batch
 
 
-@functools.partial(jax.jit, static_argnames=("size", "kept_if_oversized", "rng_suite"))
+@functools.partial(jax.jit, static_argnames=("size", "truncate", "length", "rng_suite"))
 def _poisson_batch(
     arrays: Dataset,
     thresholds: tuple[jax.Array, jax.Array],
@@ -433,17 +527,36 @@ def _poisson_batch(
     state: jax.Array,
     *,
     size: int,
-    kept_if_oversized: int,
+    truncate: bool,
+    length: int,
     rng_suite: ModuleType,
 ) -> tuple[Dataset, jax.Array]:
-    """The Poisson batch of step ``i`` (one compiled program per shape and static config)."""
+    """The Poisson batch of step ``i`` (one compiled program per shape and static config).
+
+    ``length > 0``: sparse path (Poissonised hits, see the module docstring), ``thresholds``
+    those of the number of draws. ``length == 0``: dense path, ``thresholds`` those of
+    the batch size.
+    """
     n = arrays[0].shape[0]
-    size_key, member_key = rng_suite.split(rng_suite.fold_in(state, i), 2)
-    drawn = _poisson_size(size_key, thresholds, rng_suite)
-    if size < n:
-        drawn = jnp.where(drawn > size, kept_if_oversized, drawn)
-    idx = _ordered_sample(member_key, size, drawn, n, rng_suite)
-    mask = jnp.arange(size) < drawn
+    keys = rng_suite.split(rng_suite.fold_in(state, i), 4)
+    count = _count_below(keys[0], thresholds, rng_suite)
+    if length:
+        idx, drawn = _distinct_hits(keys[1:3], count, length, n, size, rng_suite)
+        oversized = drawn > size
+        if truncate:
+            # a uniform size-subset of the uniform drawn-subset is a uniform size-subset
+            idx = lax.cond(
+                oversized,
+                lambda: _ordered_sample(keys[3], size, size, n, rng_suite),
+                lambda: idx,
+            )
+    else:
+        drawn = count
+        oversized = drawn > size
+        # the first entries of a uniform ordered sample are a uniform subset of any size
+        idx = _ordered_sample(keys[1], size, jnp.minimum(drawn, size), n, rng_suite)
+    kept = jnp.where(oversized, size if truncate else 0, drawn)
+    mask = jnp.arange(size) < kept
     return _gather(arrays, idx, mask), mask
 
 

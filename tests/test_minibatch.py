@@ -40,8 +40,9 @@ def suite():
 
 
 def _draw(get_batch, state, num):
-    """Batches of steps 0..num-1, vectorised over the step index."""
-    return jax.jit(jax.vmap(get_batch, in_axes=(0, None)))(jnp.arange(num), state)
+    """Batches of steps 0..num-1 (a sequential map: under vmap the samplers' rare
+    branches, lax.cond, would run for every draw)."""
+    return jax.jit(lambda s: jax.lax.map(lambda i: get_batch(i, s), jnp.arange(num)))(state)
 
 
 def _within_binomial(counts, trials, p):
@@ -65,52 +66,78 @@ def _chi_square_pvalue(observed, expected):
 # ----------------------------------------------------------------- Poisson
 
 
-N_POISSON, Q_POISSON, M_POISSON, T_POISSON = 40, 0.2, 20, 5000
+T_POISSON = 5000
 
 
-@pytest.fixture(scope="module")
-def poisson_draws(suite):
-    """T draws of a Poisson batch of 40 records with q = 0.2 (max 20: stream path)."""
-    data = (jnp.arange(1, N_POISSON + 1),)
-    init, get_batch = mb.poisson_batchify_data(data, Q_POISSON, M_POISSON, rng_suite=suite)
+# (N, q, max_batch_size): the dense path (batch size from the binomial table, then a
+# uniform subset) and the sparse path (distinct records among Poisson(-N log(1 - q))
+# uniform draws); truncation is negligible in both (P(B > max) < 1e-6).
+@pytest.fixture(
+    scope="module", params=[(40, 0.2, 20, False), (100, 0.08, 25, True)], ids=["dense", "sparse"]
+)
+def poisson_draws(suite, request):
+    """T draws of a Poisson batch: (N, q, M, rows, mask, membership matrix)."""
+    n, q, m, sparse = request.param
+    assert (mb._hit_plan(n, q) is not None) == sparse
+    data = (jnp.arange(1, n + 1),)
+    init, get_batch = mb.poisson_batchify_data(data, q, m, rng_suite=suite)
     _, state = init(suite.PRNGKey(11))
     (rows,), mask = _draw(get_batch, state, T_POISSON)
     rows, mask = np.asarray(rows), np.asarray(mask)
-    member = np.zeros((T_POISSON, N_POISSON), bool)
-    t_idx = np.repeat(np.arange(T_POISSON), M_POISSON).reshape(T_POISSON, M_POISSON)
+    member = np.zeros((T_POISSON, n), bool)
+    t_idx = np.repeat(np.arange(T_POISSON), m).reshape(T_POISSON, m)
     member[t_idx[mask], rows[mask] - 1] = True
-    return rows, mask, member
+    return n, q, m, rows, mask, member
 
 
 def test_poisson_masked_rows_are_zero_and_members_distinct(poisson_draws):
-    rows, mask, member = poisson_draws
+    _, _, _, rows, mask, member = poisson_draws
     assert np.all(rows[~mask] == 0)
     assert np.all(rows[mask] >= 1)
     np.testing.assert_array_equal(member.sum(1), mask.sum(1))  # no duplicates in a batch
 
 
 def test_poisson_inclusion_frequency(poisson_draws):
-    _, _, member = poisson_draws
+    _, q, _, _, _, member = poisson_draws
     # each record's count is Binomial(T, q)
-    _within_binomial(member.sum(0), T_POISSON, Q_POISSON)
+    _within_binomial(member.sum(0), T_POISSON, q)
 
 
 def test_poisson_pairwise_independence(poisson_draws):
-    _, _, member = poisson_draws
+    n, q, _, _, _, member = poisson_draws
     m = member.astype(np.int64)
-    joint = (m.T @ m)[np.triu_indices(N_POISSON, 1)]
+    joint = (m.T @ m)[np.triu_indices(n, 1)]
     # each pair's co-occurrence count is Binomial(T, q**2) under independence
-    _within_binomial(joint, T_POISSON, Q_POISSON**2)
+    _within_binomial(joint, T_POISSON, q**2)
 
 
 def test_poisson_batch_size_distribution(poisson_draws):
-    _, mask, _ = poisson_draws
+    n, q, m, _, mask, _ = poisson_draws
     sizes = mask.sum(1)
-    k = np.arange(M_POISSON + 1)
-    expected = T_POISSON * stats.binom.pmf(k, N_POISSON, Q_POISSON)
-    expected[-1] += T_POISSON * stats.binom.sf(M_POISSON, N_POISSON, Q_POISSON)  # truncated
-    observed = np.bincount(sizes, minlength=M_POISSON + 1)
+    k = np.arange(m + 1)
+    expected = T_POISSON * stats.binom.pmf(k, n, q)
+    expected[-1] += T_POISSON * stats.binom.sf(m, n, q)  # truncated
+    observed = np.bincount(sizes, minlength=m + 1)
     assert _chi_square_pvalue(observed, expected) > P_REJECT
+
+
+def test_poisson_sparse_truncation(suite):
+    """Sparse path: oversized draws happen with P(B > M) and keep a uniform M-subset."""
+    n, q, m, t = 60, 0.05, 2, 4000
+    assert mb._hit_plan(n, q) is not None
+    init, get_batch = mb.poisson_batchify_data((jnp.arange(n),), q, m, "truncate", suite)
+    (rows,), mask = _draw(get_batch, init(suite.PRNGKey(6))[1], t)
+    rows, mask = np.asarray(rows), np.asarray(mask)
+    full = mask.all(1)
+    _within_binomial([full.sum()], t, stats.binom.sf(m, n, q) + stats.binom.pmf(m, n, q))
+    sizes = np.bincount(mask.sum(1), minlength=m + 1)
+    expected = t * stats.binom.pmf(np.arange(m + 1), n, q)
+    expected[-1] += t * stats.binom.sf(m, n, q)
+    assert _chi_square_pvalue(sizes, expected) > P_REJECT
+    # every record equally likely in full batches (uniform M-subsets or Poisson batches)
+    counts = np.bincount(rows[full].ravel(), minlength=n)
+    assert _chi_square_pvalue(counts, np.full(n, counts.sum() / n)) > P_REJECT
+    assert np.all(rows[full][:, 0] != rows[full][:, 1])
 
 
 def test_poisson_truncation_is_uniform_subset(suite):
