@@ -1074,6 +1074,7 @@ class DPSVI:
                 self.per_example_loss,
                 self.optim,
                 self.rng_suite,
+                _sharding.context_shards(),
             ),
         )
         cached = self._compiled.get(method.__name__)
