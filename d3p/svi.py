@@ -1065,25 +1065,35 @@ class DPSVI:
             hash(static)
         except TypeError:
             return method(state, args, kwargs, mask, normaliser)
-        layout, config = (
+        # objects compared by identity (they may hold arrays), settings by value
+        objects = (
             self._layout,
-            (
-                self.dp_scale,
-                self.clipping_threshold,
-                self.chunk_size,
-                self.per_example_loss,
-                self.optim,
-                self.rng_suite,
-                _sharding.context_shards(),
-            ),
+            self._svi,
+            self.static_kwargs,
+            self.model,
+            self.guide,
+            self.per_example_loss,
+            self.optim,
+            self.rng_suite,
+        )
+        settings = (
+            self.dp_scale,
+            self.clipping_threshold,
+            self.chunk_size,
+            self._split_elbo,
+            _sharding.context_shards(),
         )
         cached = self._compiled.get(method.__name__)
-        if cached is None or cached[0] is not layout or cached[1] != config:
+        if (
+            cached is None
+            or any(a is not b for a, b in zip(cached[0], objects, strict=True))
+            or cached[1] != settings
+        ):
 
             def call(state, args, dynamic, mask, normaliser, static):
                 return method(state, args, {**dynamic, **dict(static)}, mask, normaliser)
 
-            cached = (layout, config, jax.jit(call, static_argnums=5))
+            cached = (objects, settings, jax.jit(call, static_argnums=5))
             self._compiled[method.__name__] = cached
         return cached[2](state, args, dynamic, mask, normaliser, static)
 
