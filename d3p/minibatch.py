@@ -213,9 +213,19 @@ def _permutation(rng_key: jax.Array, n: int, rng_suite: ModuleType) -> jax.Array
 def _first_occurrences(values: jax.Array, valid: jax.Array, sentinel: int) -> jax.Array:
     """Mask of the valid entries whose value does not occur at an earlier valid position."""
     keys = jnp.where(valid, values, sentinel)
-    sorted_keys, order = lax.sort(
-        (keys, jnp.arange(keys.shape[0], dtype=jnp.int32)), num_keys=1, is_stable=True
-    )
+    length = keys.shape[0]
+    shift = max(length - 1, 1).bit_length()
+    if (sentinel + 1) << shift <= 2**32:
+        # one single-key sort of value * 2**shift + position (stable by construction);
+        # on the CPU several times faster than sorting (value, position) pairs
+        iota = jnp.arange(length, dtype=jnp.uint32)
+        packed = lax.sort((keys.astype(jnp.uint32) << np.uint32(shift)) | iota)
+        sorted_keys = (packed >> np.uint32(shift)).astype(keys.dtype)
+        order = (packed & np.uint32((1 << shift) - 1)).astype(jnp.int32)
+    else:
+        sorted_keys, order = lax.sort(
+            (keys, jnp.arange(length, dtype=jnp.int32)), num_keys=1, is_stable=True
+        )
     first_sorted = jnp.concatenate([jnp.ones(1, bool), sorted_keys[1:] != sorted_keys[:-1]])
     first_sorted &= sorted_keys != sentinel
     return jnp.zeros_like(first_sorted).at[order].set(first_sorted)

@@ -428,3 +428,20 @@ def test_d3p02_batchifier_contract():
         assert jax.jit(rows)(state).shape == (3,)
         init, _ = make(data, q=np.float32(0.3))
         assert init(key)[0] == 3
+
+
+def test_first_occurrences_packed_and_pair_sorts_agree():
+    """The packed single-key sort and the (value, position) pair sort mark the same entries."""
+    rng = np.random.default_rng(0)
+    values = jnp.asarray(rng.integers(0, 50, 300), jnp.int32)
+    valid = jnp.asarray(rng.random(300) < 0.8)
+    packed = mb._first_occurrences(values, valid, 50)  # 51 << 9 fits in 32 bits
+    pairs = mb._first_occurrences(values, valid, 2**31 - 1)  # does not: pair sort
+    expected = np.zeros(300, bool)
+    seen = set()
+    for i, (v, ok) in enumerate(zip(np.asarray(values), np.asarray(valid), strict=True)):
+        if ok and v not in seen:
+            seen.add(v)
+            expected[i] = True
+    np.testing.assert_array_equal(packed, expected)
+    np.testing.assert_array_equal(pairs, expected)
