@@ -453,9 +453,8 @@ def poisson_batchify_data(
     (:mod:`d3p.dputil`). Batches have the fixed structural size ``max_batch_size``;
     rows beyond the drawn batch size are zero and masked out; the real rows of a batch
     that was not truncated are in increasing record order (for ``q`` below about 0.6).
-    Cost per batch
-    O(q N log(q N)), independent of the number of records ``N`` (see the module
-    docstring for the exact method).
+    Cost per batch O(q N log(q N)), independent of the number of records ``N`` (see
+    the module docstring for the exact method).
 
     Parameters
     ----------
