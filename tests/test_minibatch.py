@@ -121,6 +121,31 @@ def test_poisson_batch_size_distribution(poisson_draws):
     assert _chi_square_pvalue(observed, expected) > P_REJECT
 
 
+@pytest.mark.slow
+def test_poisson_sparse_large_sample(suite):
+    """Sparse path at N = 2000, q = 0.01, 20,000 draws: inclusion, pairs and sizes.
+
+    Per-record counts within 5 sd of Binomial(T, q); the co-occurrence counts of 500
+    record pairs within 5 sd of Binomial(T, q**2); sizes chi-square against
+    Binomial(N, q) with the truncated mass in the last cell.
+    """
+    n, q, m, t = 2000, 0.01, 40, 20_000
+    assert mb._hit_plan(n, q) is not None
+    init, get_batch = mb.poisson_batchify_data((jnp.arange(1, n + 1),), q, m, rng_suite=suite)
+    (rows,), mask = _draw(get_batch, init(suite.PRNGKey(21))[1], t)
+    rows, mask = np.asarray(rows), np.asarray(mask)
+    member = np.zeros((t, n), bool)
+    t_idx = np.repeat(np.arange(t), m).reshape(t, m)
+    member[t_idx[mask], rows[mask] - 1] = True
+    np.testing.assert_array_equal(member.sum(1), mask.sum(1))
+    _within_binomial(member.sum(0), t, q)
+    a, b = np.arange(0, 1000, 2), np.arange(1, 1000, 2)
+    _within_binomial((member[:, a] & member[:, b]).sum(0), t, q**2)
+    expected = t * stats.binom.pmf(np.arange(m + 1), n, q)
+    expected[-1] += t * stats.binom.sf(m, n, q)
+    assert _chi_square_pvalue(np.bincount(mask.sum(1), minlength=m + 1), expected) > P_REJECT
+
+
 def test_poisson_sparse_truncation(suite):
     """Sparse path: oversized draws happen with P(B > M) and keep a uniform M-subset."""
     n, q, m, t = 60, 0.05, 2, 4000
