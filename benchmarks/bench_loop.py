@@ -89,7 +89,7 @@ def _prefix_step(dpsvi, get_batch, batch_state, upto):
 
     def step(i, state):
         batch, mask = get_batch(i, batch_state)
-        _, jax_key, noise_key, params, kwargs = dpsvi._step_inputs(state, {})
+        new_key, jax_key, noise_key, params, kwargs = dpsvi._step_inputs(state, {})
         grads = jax.tree.map(jnp.zeros_like, params)
         if upto >= 1:
             sample, _, grads = dpsvi._linearised_global_part(params, jax_key, batch, kwargs)
@@ -104,7 +104,10 @@ def _prefix_step(dpsvi, get_batch, batch_state, upto):
             grads = jax.tree.map(jnp.add, grads, grad_sum)
         check = 1e-30 * _checksum(batch)
         grads = jax.tree.map(lambda g: g + check, grads)
-        return state._replace(optim_state=dpsvi._optim_update(grads, state.optim_state))
+        # the next key as in DPSVI.update: with a fixed key, XLA would hoist the noise
+        return state._replace(
+            optim_state=dpsvi._optim_update(grads, state.optim_state), rng_key=new_key
+        )
 
     return step
 
