@@ -2,8 +2,9 @@
 # SPDX-FileCopyrightText: © 2026 d3p developers
 """The whole private training loop against numpyro's SVI (issue 17), on bench_svi's workloads.
 
-Per workload (:data:`benchmarks.bench_svi.WORKLOADS`, Adam(1e-3), C = 2, dp_scale = 1,
-secure generator and hardened noise), with the structural batch size ``B`` of
+Per workload (W1-W3 of :data:`benchmarks.bench_svi.WORKLOADS` with AutoDiagonalNormal,
+and the networks W4 and W5 of bench_svi with their guides; Adam(1e-3), C = 2,
+dp_scale = 1, secure generator and hardened noise), with the structural batch size ``B`` of
 ``DPSVI.run``'s default (the ``1 - 1e-6`` quantile of Binomial(N, q)):
 
 * ``loop``: a jitted ``fori_loop`` whose step draws a secure Poisson batch
@@ -41,6 +42,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 from jax.experimental.compilation_cache import compilation_cache
 from numpyro.infer import SVI, Trace_ELBO
@@ -48,7 +50,16 @@ from numpyro.infer.autoguide import AutoDiagonalNormal
 
 import d3p.random
 from benchmarks._common import block, format_table, time_interleaved
-from benchmarks.bench_svi import CLIP, DP_SCALE, STEP_SIZE, make_data, workloads
+from benchmarks.bench_svi import (
+    CLIP,
+    DP_SCALE,
+    STEP_SIZE,
+    empty_guide,
+    load_vae_example,
+    make_data,
+    stax_bnn_model,
+    workloads,
+)
 from d3p import minibatch
 from d3p._clipping import clipped_sum
 from d3p.svi import DPSVI
@@ -121,29 +132,49 @@ class _Workload(NamedTuple):
     loop: tuple  # the hand loop and its initial state
 
 
-def bench_workload(name, model, n, d, q, steps, repeats) -> tuple[dict, dict, _Workload]:
-    """The loop row (without the ``run`` steps) and the stage row of one workload."""
-    x, y = make_data(n, d)
-    size = minibatch.structural_batch_size(n, q, QUANTILE)
-    guide = AutoDiagonalNormal(model)
-    optim = numpyro.optim.Adam(STEP_SIZE)
-    batch_init, get_batch = minibatch.poisson_batchify_data((x, y), q, size)
-    _, batch_state = batch_init(d3p.random.PRNGKey(2))
-    (xb, yb), _ = get_batch(0, batch_state)
+def workload_specs(quick: bool) -> list[tuple]:
+    """(name, model, guide, data, q, static kwargs) of W1-W3 and the networks W4, W5."""
+    specs = [
+        (name, model, AutoDiagonalNormal(model), make_data(n, d), q, {"N": n})
+        for name, model, n, d, q in workloads(quick)
+    ]
+    n = 5_000 if quick else 50_000
+    specs.append(
+        ("W4 stax 50-100-1", stax_bnn_model, empty_guide, make_data(n, 50), 0.01, {"N": n})
+    )
+    vae = load_vae_example()
+    digits = jnp.asarray(vae.load_digits_binary(0)[0])
+    kwargs = {"num_obs_total": len(digits)}
+    specs.append(("W5 VAE 8x8 digits", vae.model, vae.guide, (digits,), 0.1, kwargs))
+    return specs
 
-    svi = SVI(model, guide, optim, Trace_ELBO(), N=n)
-    svi_state = svi.init(jax.random.PRNGKey(0), xb, yb)
+
+def bench_workload(
+    name, model, guide, data, q, kwargs, steps, repeats
+) -> tuple[dict, dict, _Workload]:
+    """The loop row (without the ``run`` steps) and the stage row of one workload."""
+    n = data[0].shape[0]
+    size = minibatch.structural_batch_size(n, q, QUANTILE)
+    optim = numpyro.optim.Adam(STEP_SIZE)
+    batch_init, get_batch = minibatch.poisson_batchify_data(data, q, size)
+    _, batch_state = batch_init(d3p.random.PRNGKey(2))
+    first_batch, _ = get_batch(0, batch_state)
+
+    svi = SVI(model, guide, optim, Trace_ELBO(), **kwargs)
+    svi_state = svi.init(jax.random.PRNGKey(0), *first_batch)
     jax_key = jax.random.PRNGKey(4)
 
     def randint_batch(i):
         idx = jax.random.randint(jax.random.fold_in(jax_key, i), (size,), 0, n)
-        return x[idx], y[idx]
+        return tuple(a[idx] for a in data)
 
     def svi_step(i, s):
         return svi.update(s, *randint_batch(i))[0]
 
-    dpsvi = DPSVI(model, guide, optim, Trace_ELBO(), CLIP, DP_SCALE, expected_batch_size=q * n, N=n)
-    state = dpsvi.init(d3p.random.PRNGKey(1), xb, yb)
+    dpsvi = DPSVI(
+        model, guide, optim, Trace_ELBO(), CLIP, DP_SCALE, expected_batch_size=q * n, **kwargs
+    )
+    state = dpsvi.init(d3p.random.PRNGKey(1), *first_batch)
 
     def dpsvi_step(i, s):
         batch, m = get_batch(i, batch_state)
@@ -173,7 +204,7 @@ def bench_workload(name, model, n, d, q, steps, repeats) -> tuple[dict, dict, _W
             repeats,
         ).items()
     }
-    run_first = _run_seconds(dpsvi, (x, y), q, 1)
+    run_first = _run_seconds(dpsvi, data, q, 1)
     start = time.perf_counter()
     dpsvi.get_epsilon(DELTA, q, num_iter=1, dataset_size=n, max_batch_size=size)
     accounting = time.perf_counter() - start
@@ -181,7 +212,7 @@ def bench_workload(name, model, n, d, q, steps, repeats) -> tuple[dict, dict, _W
     loop_row = {
         "workload": name,
         "N": n,
-        "d": d,
+        "d": int(np.prod(data[0].shape[1:])),
         "B": size,
         "svi_ms": ms["svi"],
         "dpsvi_ms": ms["dpsvi"],
@@ -208,7 +239,7 @@ def bench_workload(name, model, n, d, q, steps, repeats) -> tuple[dict, dict, _W
         "randint_gather_ms": ms["randint"],
         "svi_step_ms": ms["svi"],
     }
-    return loop_row, stage_row, _Workload(dpsvi, (x, y), q, loops["dpsvi"])
+    return loop_row, stage_row, _Workload(dpsvi, data, q, loops["dpsvi"])
 
 
 def _run_step_ms(work: _Workload, steps: int, repeats: int) -> tuple[float, float]:
@@ -233,10 +264,11 @@ def _run_step_ms(work: _Workload, steps: int, repeats: int) -> tuple[float, floa
 
 
 def run(quick: bool) -> dict[str, list[dict]]:
-    """The loop table and the stage table (quick: W1 only with N / 10, fewer steps)."""
+    """The loop table and the stage table of W1-W5 (quick: W1 only with N / 10, fewer steps)."""
     steps, repeats = (10, 3) if quick else (100, 5)
     run_seconds = 0.5 if quick else 2.0  # of steps per timed run call, to outweigh its jitter
-    chosen = workloads(quick)[:1] if quick else workloads(quick)
+    chosen = workload_specs(quick)
+    chosen = chosen[:1] if quick else chosen
     rows = [bench_workload(*w, steps, repeats) for w in chosen]
     # only now, after every first-call timing: later compilations of a program come from disk
     with tempfile.TemporaryDirectory() as cache:
