@@ -66,6 +66,21 @@ def _is_array_tree(value: Any) -> bool:
     return bool(leaves) and all(isinstance(x, jax.Array | np.ndarray) for x in leaves)
 
 
+def _abstract(tree: Any) -> Any:
+    """``tree`` with its array leaves (tracers too) replaced by their shapes and dtypes."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype) if hasattr(x, "dtype") else x, tree
+    )
+
+
+def _shape_key(tree: Any) -> tuple:
+    """Hashable key of a pytree: structure, array leaves by shape and dtype, others by value."""
+    leaves, treedef = jax.tree.flatten(_abstract(tree))
+    return treedef, tuple(
+        (x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x for x in leaves
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Gradient helpers
 # --------------------------------------------------------------------------------------------
@@ -392,7 +407,7 @@ class DPSVI:
         self._split_elbo = (
             type(per_example_loss) is Trace_ELBO and not per_example_loss.multi_sample_guide
         )
-        self._layout: SiteLayout | None = None
+        self._layouts: tuple = (model, guide, {})  # see _site_layout
         self._budget: _Budget | None = None
         self._warned_normaliser = False
         self._first_batch_size: int | None = None
@@ -422,7 +437,7 @@ class DPSVI:
 
     @property
     def constrain_fn(self) -> Callable:
-        """Map unconstrained to constrained parameters (set by :meth:`init`)."""
+        """Map unconstrained to constrained parameters (set by :meth:`init` or a first step)."""
         return self._svi.constrain_fn
 
     def init(
@@ -459,11 +474,9 @@ class DPSVI:
                 "DPSVI does not support models with mutable state (numpyro.mutable sites): "
                 "the state would be updated from private data without noise."
             )
-        params = self._svi.get_params(svi_state)
-        self._layout = classify_sites(
-            self.model, self.guide, params, init_key, args, {**kwargs, **self.static_kwargs}
-        )
-        scale = self._layout.observation_scale if self.clip_unscaled_observations else 1.0
+        params = self.optim.get_params(svi_state.optim_state)
+        layout = self._site_layout(params, args, kwargs)
+        scale = layout.observation_scale if self.clip_unscaled_observations else 1.0
         dtype = jnp.result_type(float)
         return DPSVIState(
             svi_state.optim_state,
@@ -781,7 +794,7 @@ class DPSVI:
         batch_init, get_batch = plan.batcher(rows, self.rng_suite)
         size, expected = plan.batch_size, plan.normaliser
         _, batch_state = batch_init(batch_key)
-        if init_state is None or self._layout is None:
+        if init_state is None:
             zeros = zero_examples(args, size)
             state = self.init(svi_key, *zeros, init_params=init_params, **kwargs)
         if init_state is not None:  # counters as arrays (a d3p 0.2 state has plain ints)
@@ -897,11 +910,42 @@ class DPSVI:
                 break
         return plan, delta
 
-    def _require_layout(self) -> SiteLayout:
+    def _site_layout(self, params: Any, args: tuple, kwargs: dict) -> SiteLayout:
+        """Which sites are per-example, for these unconstrained params, batch and kwargs.
+
+        Classified by abstract tracing, so a function of the model, the guide, the shapes
+        and dtypes of ``params``, ``args`` and array kwargs, and the other kwargs' values;
+        derived when first needed (also while a step is traced) and cached on those.
+        """
         self._check_components()
-        if self._layout is None:
-            raise RuntimeError("call DPSVI.init before update/evaluate")
-        return self._layout
+        model, guide, cache = self._layouts
+        if model is not self.model or guide is not self.guide:
+            cache = {}
+            self._layouts = (self.model, self.guide, cache)
+        params, args = _abstract(params), _abstract(args)
+        key = _shape_key((params, args, kwargs, self.static_kwargs))
+        try:
+            return cache[key]
+        except TypeError:  # an unhashable keyword argument: classify without caching
+            key = None
+        except KeyError:
+            pass
+        rng_key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+        if self._svi.constrain_fn is None:
+            # numpyro's SVI reads the parameters' constraints while initialising: do that
+            # abstractly (nothing is computed, no data are read)
+            jax.eval_shape(lambda k, a: self._svi.init(k, *a, **kwargs), rng_key, args)
+        layout = classify_sites(
+            self.model,
+            self.guide,
+            jax.eval_shape(self._svi.constrain_fn, params),
+            rng_key,
+            args,
+            {**kwargs, **self.static_kwargs},
+        )
+        if key is not None:
+            cache[key] = layout
+        return layout
 
     def _normaliser(self, batch_size: int, masked: bool) -> float:
         """The data-independent divisor of the noisy gradient sum."""
@@ -939,13 +983,13 @@ class DPSVI:
                 stacklevel=4,
             )
 
-    def _step_inputs(self, state: DPSVIState, kwargs: dict) -> tuple:
-        """Keys, unconstrained params and merged kwargs for the step from ``state``."""
-        self._require_layout()
+    def _step_inputs(self, state: DPSVIState, args: tuple, kwargs: dict) -> tuple:
+        """Keys, unconstrained params, merged kwargs and site layout for the step."""
+        params = self.optim.get_params(state.optim_state)
+        layout = self._site_layout(params, args, kwargs)
         new_key, elbo_key, noise_key = self.rng_suite.split(state.rng_key, 3)
         jax_key = self.rng_suite.convert_to_jax_rng_key(elbo_key)
-        params = self.optim.get_params(state.optim_state)
-        return new_key, jax_key, noise_key, params, {**kwargs, **self.static_kwargs}
+        return new_key, jax_key, noise_key, params, {**kwargs, **self.static_kwargs}, layout
 
     def _particles(self, fn: Callable, jax_key: jax.Array, *stacked: Any) -> Any:
         """``fn(key, *xs)`` for each particle of the loss, keyed as numpyro's Trace_ELBO.
@@ -958,7 +1002,7 @@ class DPSVI:
         return jax.vmap(fn)(jax.random.split(jax_key, num_particles), *stacked)
 
     def _global_part(
-        self, params: dict, jax_key: jax.Array, zero_args: tuple, kwargs: dict
+        self, params: dict, jax_key: jax.Array, zero_args: tuple, kwargs: dict, layout: SiteLayout
     ) -> tuple[dict, jax.Array]:
         """The step's sample of the global latents and ``-(log p(z_g) - log q(z_g))`` at it.
 
@@ -969,7 +1013,7 @@ class DPSVI:
 
         def particle(key):
             values, term = global_part(
-                self.model, self.guide, cparams, key, zero_args, kwargs, self._layout
+                self.model, self.guide, cparams, key, zero_args, kwargs, layout
             )
             return values, -term
 
@@ -977,12 +1021,12 @@ class DPSVI:
         return values, jnp.mean(losses)
 
     def _linearised_global_part(
-        self, params: dict, jax_key: jax.Array, args: tuple, kwargs: dict
+        self, params: dict, jax_key: jax.Array, args: tuple, kwargs: dict, layout: SiteLayout
     ) -> tuple[GlobalSample, jax.Array, Any]:
         """The shared global sample with its linear maps, the global loss and its gradient."""
         zero_args = zero_examples(args)
         return linearised_global_sample(
-            lambda p: self._global_part(p, jax_key, zero_args, kwargs), params
+            lambda p: self._global_part(p, jax_key, zero_args, kwargs, layout), params
         )
 
     def _example_loss(
@@ -994,6 +1038,7 @@ class DPSVI:
         kwargs: dict,
         index: jax.Array,
         obs_scale: jax.Array,
+        layout: SiteLayout,
     ) -> jax.Array:
         """Loss of one example (a batch of one) whose gradient is clipped, per unit scale.
 
@@ -1021,7 +1066,7 @@ class DPSVI:
                 key,
                 example_args,
                 kwargs,
-                self._layout,
+                layout,
                 index,
                 values,
             )
@@ -1065,9 +1110,9 @@ class DPSVI:
             hash(static)
         except TypeError:
             return method(state, args, kwargs, mask, normaliser)
-        # objects compared by identity (they may hold arrays), settings by value
+        # objects compared by identity (they may hold arrays), settings by value; the site
+        # layout is derived while tracing from these and the traced shapes (_site_layout)
         objects = (
-            self._layout,
             self._svi,
             self.static_kwargs,
             self.model,
@@ -1101,29 +1146,33 @@ class DPSVI:
         self, state: DPSVIState, args: tuple, kwargs: dict, mask: jax.Array, normaliser: float
     ) -> jax.Array:
         batch_size = args[0].shape[0]
-        _, jax_key, _, params, kwargs = self._step_inputs(state, kwargs)
+        _, jax_key, _, params, kwargs, layout = self._step_inputs(state, args, kwargs)
         obs_scale = state.observation_scale
         values, global_loss = None, 0.0
         if self._split_elbo:
-            values, global_loss = self._global_part(params, jax_key, zero_examples(args), kwargs)
+            values, global_loss = self._global_part(
+                params, jax_key, zero_examples(args), kwargs, layout
+            )
         losses = jax.vmap(
-            lambda ex, i: self._example_loss(params, values, jax_key, ex, kwargs, i, obs_scale)
+            lambda ex, i: self._example_loss(
+                params, values, jax_key, ex, kwargs, i, obs_scale, layout
+            )
         )(add_examples_axis(args), jnp.arange(batch_size))
         return jnp.sum(jnp.where(mask, losses, 0.0)) * (obs_scale / normaliser) + global_loss
 
     def _update(
         self, state: DPSVIState, args: tuple, kwargs: dict, mask: jax.Array, normaliser: float
     ) -> tuple[DPSVIState, jax.Array]:
-        new_key, jax_key, noise_key, params, kwargs = self._step_inputs(state, kwargs)
+        new_key, jax_key, noise_key, params, kwargs, layout = self._step_inputs(state, args, kwargs)
         obs_scale = state.observation_scale
         sample = None
         if self._split_elbo:
             sample, global_loss, global_grads = self._linearised_global_part(
-                params, jax_key, args, kwargs
+                params, jax_key, args, kwargs, layout
             )
 
         def example(p, v, ex, i):
-            return self._example_loss(p, v, jax_key, ex, kwargs, i, obs_scale)
+            return self._example_loss(p, v, jax_key, ex, kwargs, i, obs_scale, layout)
 
         grad_sum, loss_sum, num_bad = clipped_sum(
             example,

@@ -140,12 +140,12 @@ def test_run_refuses_non_finite_data():
     for bad in (jnp.nan, jnp.inf):
         with pytest.raises(ValueError, match="positional argument 0 .* 1 NaN or infinite"):
             dpsvi.run(debug.PRNGKey(0), 2, x.at[3].set(bad), q=0.1, delta=1e-5)
-    assert dpsvi._layout is None  # refused before any work (init never ran)
+    assert dpsvi._svi.constrain_fn is None  # refused before any work (init never ran)
 
     second = DPSVI(lambda x, k: model(x), lambda x, k: guide(x), SGD(1e-3), Trace_ELBO(), 1.0, 1.0)
     with pytest.raises(ValueError, match="positional argument 1 "):
         second.run(debug.PRNGKey(0), 2, jnp.arange(N), x.at[0].set(-jnp.inf), q=0.1, delta=1e-5)
-    assert second._layout is None
+    assert second._svi.constrain_fn is None
 
     # opting out: the NaN record's gradient is dropped (counted) and the parameters stay finite
     result = dpsvi.run(

@@ -20,6 +20,7 @@ from numpyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from numpyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
 
 import d3p.random
+import d3p.svi
 from d3p import _clipping, dputil, minibatch
 from d3p._elbo_split import classify_sites
 from d3p.svi import DPSVI, DPSVIState, clip_gradient, full_norm, normalize_gradient
@@ -572,6 +573,51 @@ def test_fori_and_while_loops_and_get_params_in_jit():
     assert tree_max_diff(jitted, dpsvi.get_params(fori)) == 0.0
     loss = jax.jit(dpsvi.evaluate)(fori, x, y)
     assert bool(jnp.isfinite(loss))
+
+
+def make_autonormal_logreg():
+    guide = AutoNormal(logreg_model)
+    return DPSVI(
+        logreg_model, guide, numpyro.optim.Adam(1e-2), Trace_ELBO(), 1.0, 0.5, rng_suite=debug
+    )
+
+
+@pytest.fixture
+def classified(monkeypatch):
+    """A list that grows by one with each site classification DPSVI runs."""
+    calls = []
+    spy = lambda *a, **k: calls.append(1) or classify_sites(*a, **k)  # noqa: E731
+    monkeypatch.setattr(d3p.svi, "classify_sites", spy)
+    return calls
+
+
+def test_fresh_instance_steps_a_state_it_did_not_init(classified):
+    # the site layout and the parameter constraints are derived from the model, the guide
+    # and the shapes when a step needs them: no hidden state from init
+    x, y = data(n=200, seed=5)
+    made = make_autonormal_logreg()
+    state = made.init(debug.PRNGKey(2), x[:B], y[:B])
+    made_step = jax.jit(made.update)(state, x[:B], y[:B])
+    assert len(classified) == 1  # at init; the step reuses it (cached on the shapes)
+    fresh = make_autonormal_logreg()
+    fresh_step = jax.jit(fresh.update)(state, x[:B], y[:B])
+    assert len(classified) == 2  # derived while the step was traced
+    assert tree_max_diff(fresh_step, made_step) == 0.0
+
+
+def test_run_from_a_state_on_a_fresh_instance_does_not_init(classified, monkeypatch):
+    x, y = data(n=200, seed=5)
+    made = make_autonormal_logreg()
+    state = made.init(debug.PRNGKey(2), x[:B], y[:B])
+    classified.clear()
+    fresh = make_autonormal_logreg()
+    monkeypatch.setattr(fresh, "init", lambda *a, **k: pytest.fail("run called init"))
+    kw = dict(q=0.05, delta=1e-3, progress_bar=False, init_state=state)
+    result = fresh.run(debug.PRNGKey(3), 4, x, y, **kw)
+    assert len(classified) == 1  # once, while the step was traced
+    expected = made.run(debug.PRNGKey(3), 4, x, y, **kw)
+    assert tree_max_diff(result.params, expected.params) == 0.0
+    assert float(result.epsilon) == float(expected.epsilon)
 
 
 # ------------------------------------------------------------------------ local latents
