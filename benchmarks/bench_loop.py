@@ -100,14 +100,15 @@ def _prefix_step(dpsvi, get_batch, batch_state, upto):
 
     def step(i, state):
         batch, mask = get_batch(i, batch_state)
-        new_key, jax_key, noise_key, params, kwargs = dpsvi._step_inputs(state, {})
+        new_key, jax_key, noise_key, params, kwargs, layout = dpsvi._step_inputs(state, batch, {})
         grads = jax.tree.map(jnp.zeros_like, params)
         if upto >= 1:
-            sample, _, grads = dpsvi._linearised_global_part(params, jax_key, batch, kwargs)
+            sample, _, grads = dpsvi._linearised_global_part(params, jax_key, batch, kwargs, layout)
         if upto >= 2:
 
             def example(p, v, ex, j):
-                return dpsvi._example_loss(p, v, jax_key, ex, kwargs, j, state.observation_scale)
+                obs_scale = state.observation_scale
+                return dpsvi._example_loss(p, v, jax_key, ex, kwargs, j, obs_scale, layout)
 
             grad_sum = clipped_sum(example, params, sample, batch, mask, CLIP)[0]
             if upto >= 3:
