@@ -200,6 +200,12 @@ def bench_workload(name, model, n, d, q, steps, repeats, whole_elbo):
         whole_fn = _loop(lambda i, s: dpsvi_w.update(s, xb, yb)[0], state_w, steps)
         loops["whole_elbo"] = whole_fn, state_w
 
+    return _time_loops(row, loops, steps, repeats)
+
+
+def _time_loops(row: dict, loops: dict, steps: int, repeats: int) -> dict:
+    """Time ``loops`` (column -> (jitted loop, state)) interleaved; per-step ms and ratios
+    to the ``"svi"`` column go into ``row``."""
     seconds = time_interleaved(
         {col: functools.partial(fn, s) for col, (fn, s) in loops.items()}, repeats
     )
@@ -240,15 +246,7 @@ def bench_module_workload(name, model, guide, batch, n, kwargs, steps, repeats):
         dpsvi = DPSVI(model, guide, optim, Trace_ELBO(), CLIP, dp_scale, **kwargs)
         state = dpsvi.init(d3p.random.PRNGKey(1), *batch)
         loops[col] = _loop(lambda i, s, d=dpsvi: d.update(s, *batch)[0], state, steps), state
-    seconds = time_interleaved(
-        {col: functools.partial(fn, s) for col, (fn, s) in loops.items()}, repeats
-    )
-    for col, t in seconds.items():
-        row[f"{col}_ms"] = 1e3 * t / steps
-        if col != "svi":
-            row[f"ratio_{col}"] = t / seconds["svi"]
-    row["backend"] = jax.default_backend()
-    return row
+    return _time_loops(row, loops, steps, repeats)
 
 
 def module_workloads(quick: bool, steps: int, repeats: int) -> list[dict]:

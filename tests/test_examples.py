@@ -8,6 +8,9 @@ ends up far from it. The examples need the ``examples`` extra (scikit-learn for 
 bundled data sets, matplotlib for ``--plot``), which the ``test`` extra includes;
 without them the tests are skipped.
 Every ``DPSVI.run`` compiles its training loop, so each test makes as few runs as it can.
+Together they take about two minutes on two cores, so they are marked ``slow`` (the
+default run leaves them out; ``.ci/run`` runs them in its second pytest call, and also
+runs every example script in smoke mode).
 """
 
 import importlib.util
@@ -19,6 +22,8 @@ import pytest
 
 pytest.importorskip("sklearn", reason="the examples need the 'examples' extra")
 pytest.importorskip("matplotlib", reason="the examples need the 'examples' extra")
+
+pytestmark = pytest.mark.slow
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
