@@ -127,6 +127,18 @@ def test_rfc8439_block_function():
         )
 
 
+def test_chacha_row_layout_matches_word_layout(monkeypatch):
+    # Looped on CPU, small draws use the row layout and large ones the 16-word layout;
+    # forcing each on the same draw (counter wrapping past 2**32) gives the same words.
+    state = dr.PRNGKey(123).at[3, 0].set(np.uint32(2**32 - 2))
+    rows = chacha._blocks.__wrapped__(state, 5, False)
+    monkeypatch.setattr(chacha, "_ROW_LAYOUT_MAX_BLOCKS", 0)
+    words = chacha._blocks.__wrapped__(state, 5, False)
+    np.testing.assert_array_equal(rows, words)
+    np.testing.assert_array_equal(rows, chacha._blocks.__wrapped__(state, 5, True))
+    np.testing.assert_array_equal(rows[48:64], chacha.block(state.at[3, 0].set(1)).reshape(-1))
+
+
 def test_prngkey_seeds():
     assert dr.PRNGKey(2**256 + 5).tolist() == dr.PRNGKey(5).tolist()
     assert dr.PRNGKey(-1).tolist() == dr.PRNGKey(2**256 - 1).tolist()
