@@ -56,9 +56,14 @@ def probability(value: Any, name: str = "q") -> float:
     return real(value, name, 0.0, 1.0, closed_high=True)
 
 
-def count(value: Any, name: str, minimum: int = 1) -> int:
-    """``value`` as an int if it is a whole number ``>= minimum`` (``100.0`` is accepted)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+def count(value: Any, name: str, minimum: int = 1, *, allow_float: bool = True) -> int:
+    """``value`` as an int if it is a whole number ``>= minimum``.
+
+    A whole float (``100.0``) is accepted unless ``allow_float=False`` (then only integer
+    types are, as sizes and indices in :mod:`d3p.minibatch` and :mod:`d3p.modelling`).
+    """
+    kind = numbers.Real if allow_float else numbers.Integral
+    if isinstance(value, bool) or not isinstance(value, kind):
         raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if not (math.isfinite(value) and int(value) == value and value >= minimum):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

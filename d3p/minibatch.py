@@ -73,7 +73,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 import warnings
 from collections.abc import Callable
 from types import ModuleType
@@ -86,6 +85,7 @@ from jax import lax
 from scipy import stats
 
 import d3p.random
+from d3p import _validation
 
 __all__ = [
     "batch_size_to_q",
@@ -128,24 +128,9 @@ def _check_dataset(dataset: Any) -> tuple[Dataset, int]:
     return arrays, n
 
 
-def _check_q(q: Any) -> float:
-    """Validate the sampling probability ``q`` in (0, 1]."""
-    if isinstance(q, bool) or not isinstance(q, int | float | np.integer | np.floating):
-        raise TypeError(f"q must be a real number in (0, 1], got {q!r}")
-    q = float(q)
-    if not 0.0 < q <= 1.0:
-        raise ValueError(f"q must be in (0, 1], got {q}")
-    return q
-
-
 def _check_count(value: Any, name: str, minimum: int) -> int:
-    """Validate an integer argument ``name`` that must be at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    value = operator.index(value)
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return value
+    """An integer (not a float) size or index ``name``, at least ``minimum``."""
+    return _validation.count(value, name, minimum, allow_float=False)
 
 
 def _resolve_batch_size(batch_size: Any, q: Any, n: int, max_size: int | None) -> int:
@@ -169,7 +154,7 @@ def _resolve_batch_size(batch_size: Any, q: Any, n: int, max_size: int | None) -
 
 def q_to_batch_size(q: float, N: int) -> int:
     """The batch size ``int(N * q)`` for sampling probability ``q`` among ``N`` records."""
-    return int(_check_count(N, "N", 1) * _check_q(q))
+    return int(_check_count(N, "N", 1) * _validation.probability(q))
 
 
 def batch_size_to_q(batch_size: int, N: int) -> float:
@@ -347,7 +332,7 @@ def structural_batch_size(N: int, q: float, max_batch_size: int | float) -> int:
     :func:`d3p.dputil.compute_epsilon`).
     """
     n = _check_count(N, "N", 1)
-    return _check_max_batch_size(max_batch_size, n, _check_q(q))
+    return _check_max_batch_size(max_batch_size, n, _validation.probability(q))
 
 
 def _inversion_thresholds(cdf: np.ndarray, sf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -492,7 +477,7 @@ def poisson_batchify_data(
         ``max_batch_size`` rows) of step ``i`` and a bool mask of the real rows.
     """
     arrays, n = _check_dataset(dataset)
-    q = _check_q(q)
+    q = _validation.probability(q)
     size = _check_max_batch_size(max_batch_size, n, q)
     if handle_oversized_batch not in OVERSIZED_MODES:
         raise ValueError(

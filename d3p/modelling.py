@@ -9,13 +9,13 @@ an already private model, not privacy noise); get one from a d3p key with
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import jax
 from numpyro.handlers import condition, seed, substitute, trace
 
+from d3p import _validation
 from d3p.util import unvectorize_shape_2d
 
 __all__ = [
@@ -143,20 +143,12 @@ def sample_posterior_predictive(
     return samples
 
 
-def _check_n(n: Any, name: str) -> int:
-    if not isinstance(n, numbers.Integral) or isinstance(n, bool):
-        raise TypeError(f"{name} must be an int, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"{name} must be a positive int, got {n}")
-    return int(n)
-
-
 def _sample_many(
     rng_key: jax.Array, n: int, chunk_size: int, draw: Callable[[jax.Array], dict]
 ) -> dict:
     """``n`` draws stacked on a leading axis; at most ``chunk_size`` are vmapped at a time."""
-    n = _check_n(n, "n")
-    chunk_size = _check_n(chunk_size, "chunk_size")
+    n = _validation.count(n, "n", allow_float=False)
+    chunk_size = _validation.count(chunk_size, "chunk_size", allow_float=False)
     keys = jax.random.split(rng_key, n)
     return jax.lax.map(draw, keys, batch_size=min(n, chunk_size))
 

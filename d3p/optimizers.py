@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from numpyro.optim import _NumPyroOptim
 
+from d3p import _validation
+
 __all__ = ["ADADP", "ADADPOptaxState", "ADADPState", "adadp", "optax_adadp"]
 
 
@@ -57,21 +59,13 @@ class _Hyper(NamedTuple):
     alpha_max: float
 
 
-def _check_positive(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite float > 0, got {value}")
-    return float(value)
-
-
 def _check_hyper(
     step_size: float, tol: float, stability_check: bool, alpha_min: float, alpha_max: float
 ) -> tuple[float, _Hyper]:
-    step_size = _check_positive(step_size, "step_size")
-    tol = _check_positive(tol, "tol")
-    alpha_min = _check_positive(alpha_min, "alpha_min")
-    alpha_max = _check_positive(alpha_max, "alpha_max")
+    step_size = _validation.real(step_size, "step_size", 0, math.inf)
+    tol = _validation.real(tol, "tol", 0, math.inf)
+    alpha_min = _validation.real(alpha_min, "alpha_min", 0, math.inf)
+    alpha_max = _validation.real(alpha_max, "alpha_max", 0, math.inf)
     if alpha_min > alpha_max:
         raise ValueError(f"alpha_min must be <= alpha_max, got {alpha_min} > {alpha_max}")
     if not isinstance(stability_check, bool):

@@ -23,13 +23,25 @@ import jax.numpy as jnp
 import d3p.random
 from d3p import _validation, dputil, minibatch
 
-__all__ = ["SAMPLINGS", "PrivacyPlan"]
+__all__ = ["SAMPLINGS", "PrivacyBudget", "PrivacyPlan"]
 
 SAMPLINGS = ("poisson", "fixed_size", "full_batch")
 
-# Default structural batch size of Poisson batches: this quantile of the Binomial(N, q)
-# batch size (a batch is truncated in about one step in a million).
-_DEFAULT_QUANTILE = 1 - 1e-6
+# Structural batch sizes of Poisson batches, as quantiles of the Binomial(N, q) batch size (a
+# batch is truncated in about one step in 1e6, 1e9, ...). The first is the default; a
+# PrivacyBudget tries them in turn (then N, never truncated) until the run fits the budget.
+_QUANTILES = (1 - 1e-6, 1 - 1e-9, 1 - 1e-12, 1 - 1e-15)
+_DEFAULT_QUANTILE = _QUANTILES[0]
+
+
+def _check_steps_left(covered: int, done: int, more: int) -> None:
+    """Refuse taking ``more`` steps after ``done`` when only ``covered`` are planned."""
+    if done + more > covered:
+        raise ValueError(
+            f"this privacy budget covers {covered} steps; the state has taken {done}, so at "
+            f"most {max(covered - done, 0)} more, got num_steps={more} (the budget would be "
+            "exceeded)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +127,43 @@ class PrivacyPlan:
         )
         for name, value in fields.items():
             object.__setattr__(self, name, value)
+
+    @classmethod
+    def poisson(
+        cls,
+        dataset_size: int,
+        q: float,
+        clipping_threshold: float,
+        noise_multiplier: float,
+        num_steps: int,
+        *,
+        max_batch_size: int | float | None = None,
+        relation: str = "add_remove",
+        normaliser: float | None = None,
+    ) -> PrivacyPlan:
+        """A ``"poisson"`` plan whose structural batch size is given as in :mod:`d3p.minibatch`.
+
+        ``max_batch_size`` is an int >= 1, or a quantile level in (0, 1) of the
+        Binomial(N, q) batch size (default ``1 - 1e-6``); see
+        :func:`d3p.minibatch.structural_batch_size`.
+        """
+        n = _validation.count(dataset_size, "dataset_size")
+        size = _DEFAULT_QUANTILE if max_batch_size is None else max_batch_size
+        return cls(
+            "poisson",
+            n,
+            clipping_threshold,
+            noise_multiplier,
+            num_steps,
+            q=q,
+            batch_size=minibatch.structural_batch_size(n, _validation.probability(q), size),
+            relation=relation,
+            normaliser=normaliser,
+        )
+
+    def check_steps(self, done: int, more: int) -> None:
+        """Raise ``ValueError`` if ``done`` steps taken plus ``more`` exceed :attr:`num_steps`."""
+        _check_steps_left(self.num_steps, done, more)
 
     # ---------------------------------------------------------------- accounting
 
@@ -284,3 +333,117 @@ def _batches(sampling: str, n: int, q: Any, batch_size: Any) -> dict:
     q = _validation.probability(q)
     size = _DEFAULT_QUANTILE if batch_size is None else _validation.count(batch_size, "batch_size")
     return {"q": q, "batch_size": minibatch.structural_batch_size(n, q, size)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyBudget:
+    """A privacy budget for Poisson-sampled training, before the data set is known.
+
+    The noise multiplier is calibrated (see :meth:`calibrate`) so that ``num_steps``
+    steps of Poisson sampling with rate ``q`` spend at most ``epsilon`` at ``delta``
+    under the add/remove-one relation (PLD accountant). The data-set size, and with it
+    the structural batch size, is fixed only when a run starts: :meth:`plan` then gives
+    the :class:`PrivacyPlan` of the run, which is what is accounted and reported.
+    :meth:`d3p.svi.DPSVI.make_private_with_epsilon` builds a DPSVI from a budget.
+
+    Parameters
+    ----------
+    epsilon : float
+        The budget's epsilon, > 0.
+    delta : float
+        The budget's delta, in (0, 1).
+    q : float
+        Poisson sampling rate in (0, 1] (expected batch size / N).
+    num_steps : int
+        Number of update steps the budget covers, >= 1 (all runs together).
+    clipping_threshold : float
+        ``C`` in (0, inf): bound on the L2 norm of one example's gradient.
+    noise_multiplier : float
+        ``sigma > 0``: noise standard deviation ``sigma * C`` on the gradient sum.
+    """
+
+    epsilon: float
+    delta: float
+    q: float
+    num_steps: int
+    clipping_threshold: float
+    noise_multiplier: float
+
+    def __post_init__(self) -> None:
+        fields = {
+            "epsilon": _validation.real(self.epsilon, "epsilon", 0, math.inf),
+            "delta": _validation.real(self.delta, "delta", 0, 1),
+            "q": _validation.probability(self.q),
+            "num_steps": _validation.count(self.num_steps, "num_steps"),
+            "clipping_threshold": _validation.real(
+                self.clipping_threshold, "clipping_threshold", 0, math.inf
+            ),
+            "noise_multiplier": _validation.real(
+                self.noise_multiplier, "noise_multiplier", 0, math.inf
+            ),
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def calibrate(
+        cls,
+        target_epsilon: float,
+        target_delta: float,
+        q: float,
+        num_steps: int,
+        clipping_threshold: float,
+        *,
+        tol: float = 1e-3,
+    ) -> PrivacyBudget:
+        """The budget whose noise multiplier spends at most ``target_epsilon``.
+
+        Calibrated with :func:`d3p.dputil.approximate_sigma_remove_relation`
+        (``force_smaller=True``) for untruncated Poisson sampling: the epsilon lies in
+        ``[target_epsilon - tol, target_epsilon]``.
+        """
+        num_steps = _validation.count(num_steps, "num_steps")
+        sigma, _, _ = dputil.approximate_sigma_remove_relation(
+            target_epsilon, target_delta, q, num_steps, tol=tol, force_smaller=True
+        )
+        return cls(target_epsilon, target_delta, q, num_steps, clipping_threshold, sigma)
+
+    def check_steps(self, done: int, more: int) -> None:
+        """Raise ``ValueError`` if ``done`` steps taken plus ``more`` exceed :attr:`num_steps`."""
+        _check_steps_left(self.num_steps, done, more)
+
+    def plan(
+        self,
+        dataset_size: int,
+        num_steps: int | None = None,
+        max_batch_size: int | float | None = None,
+    ) -> PrivacyPlan:
+        """The Poisson plan of ``num_steps`` steps over ``dataset_size`` records in the budget.
+
+        ``num_steps`` defaults to the budget's (at most that many). With ``max_batch_size``
+        (an int, or a quantile level in (0, 1), see :meth:`PrivacyPlan.poisson`) that
+        structural batch size is used, and refused with a ``ValueError`` if the cost of
+        truncating oversized batches takes epsilon over the budget. Without it, the
+        smallest of the ``1 - 1e-6``, ``1 - 1e-9``, ... quantiles whose plan stays within
+        the budget, or ``dataset_size`` (no truncation, the calibrated case).
+        """
+        steps = self.num_steps if num_steps is None else num_steps
+        self.check_steps(0, _validation.count(steps, "num_steps"))
+        n = _validation.count(dataset_size, "dataset_size")
+        sizes = (max_batch_size,) if max_batch_size is not None else (*_QUANTILES, n)
+        for size in sizes:
+            plan = PrivacyPlan.poisson(
+                n,
+                self.q,
+                self.clipping_threshold,
+                self.noise_multiplier,
+                steps,
+                max_batch_size=size,
+            )
+            if plan.epsilon(self.delta) <= self.epsilon:
+                return plan
+        raise ValueError(
+            f"with max_batch_size={max_batch_size} the truncated Poisson sampling spends "
+            f"epsilon={plan.epsilon(self.delta)} > the budget {self.epsilon}; use a larger "
+            "max_batch_size or leave it at None"
+        )

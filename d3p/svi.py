@@ -24,7 +24,7 @@ from jax.flatten_util import ravel_pytree
 from numpyro.infer import SVI, Trace_ELBO
 
 import d3p.random
-from d3p import _sharding, _validation, dputil, minibatch
+from d3p import _sharding, _validation, dputil
 from d3p._clipping import (
     GlobalSample,
     add_examples_axis,
@@ -38,7 +38,7 @@ from d3p._elbo_split import (
     global_part,
     zero_examples,
 )
-from d3p.plan import PrivacyPlan
+from d3p.plan import PrivacyBudget, PrivacyPlan
 
 __all__ = [
     "DPSVI",
@@ -53,11 +53,6 @@ __all__ = [
 # ``DPSVI.init``. Steps derive their keys with ``rng_suite.split(key, 3)``; this constant is far
 # from any split index, so initialisation randomness never coincides with noise randomness.
 _INIT_STREAM = 0x7FFFFFFF
-
-# Structural batch sizes ``DPSVI.run`` tries when none is given: quantiles of the Poisson batch
-# size (truncation probability per step 1e-6, 1e-9, ...). The first is used unless the run has a
-# privacy budget that the truncated-sampling accounting would exceed; then larger ones are tried.
-_BATCH_QUANTILES = (1 - 1e-6, 1 - 1e-9, 1 - 1e-12, 1 - 1e-15)
 
 
 def _is_array_tree(value: Any) -> bool:
@@ -209,15 +204,6 @@ class DPSVIRunResult(NamedTuple):
     dp_event: Any = None
 
 
-class _Budget(NamedTuple):
-    """The privacy plan a :class:`DPSVI` was calibrated for."""
-
-    epsilon: float
-    delta: float
-    q: float
-    num_steps: int
-
-
 def _num_iter(q: float, num_epochs: float | None, num_iter: float | None) -> float:
     if (num_epochs is None) == (num_iter is None):
         raise ValueError("give exactly one of num_epochs and num_iter")
@@ -226,49 +212,28 @@ def _num_iter(q: float, num_epochs: float | None, num_iter: float | None) -> flo
     return _validation.real(num_epochs, "num_epochs", 0.0) / _validation.probability(q)
 
 
-def _accounted_run(
-    q: float, num_epochs: Any, num_iter: Any, dataset_size: Any, max_batch_size: Any
-) -> dict:
-    """The ``q``, ``num_iter`` and sampling keywords of :mod:`d3p.dputil` for Poisson batches.
-
-    The batches are truncated Poisson samples when ``max_batch_size`` is given.
-    """
-    num_iter = _num_iter(q, num_epochs, num_iter)
-    if (dataset_size is None) != (max_batch_size is None):
-        raise ValueError(
-            "give both dataset_size and max_batch_size (truncated Poisson batches) or "
-            f"neither (untruncated); got dataset_size={dataset_size!r}, "
-            f"max_batch_size={max_batch_size!r}"
-        )
-    run = {"q": q, "num_iter": num_iter}
-    if dataset_size is None:
-        return run
-    size = minibatch.structural_batch_size(dataset_size, q, max_batch_size)
-    if size >= dataset_size:
-        return run  # no draw can be oversized: plain Poisson sampling
-    return {
-        **run,
-        "sampling": "truncated_poisson",
-        "dataset_size": dataset_size,
-        "max_batch_size": size,
-    }
-
-
 def _privacy_parameters(
-    clipping_threshold: Any, dp_scale: Any, expected_batch_size: Any, plan: PrivacyPlan | None
+    clipping_threshold: Any,
+    dp_scale: Any,
+    expected_batch_size: Any,
+    plan: PrivacyPlan | PrivacyBudget | None,
 ) -> tuple[float, float, float | None]:
     """``(C, sigma, normaliser)`` of a DPSVI: from ``plan``, or from d3p 0.2's arguments."""
     if plan is not None:
-        if not isinstance(plan, PrivacyPlan):
-            raise TypeError(f"plan must be a d3p.plan.PrivacyPlan, got {type(plan).__name__}")
+        if not isinstance(plan, PrivacyPlan | PrivacyBudget):
+            raise TypeError(
+                f"plan must be a d3p.plan.PrivacyPlan or PrivacyBudget, got {type(plan).__name__}"
+            )
         given = {"clipping_threshold": clipping_threshold, "dp_scale": dp_scale}
-        given["expected_batch_size"] = expected_batch_size
+        if isinstance(plan, PrivacyPlan):  # a budget leaves the normaliser open (N unknown)
+            given["expected_batch_size"] = expected_batch_size
         if any(v is not None for v in given.values()):
             raise TypeError(
-                "give either plan or clipping_threshold and dp_scale (and expected_batch_size); "
-                f"the plan holds them: {plan}"
+                f"give either plan or {' and '.join(given)}; the plan holds them: {plan}"
             )
-        return plan.clipping_threshold, plan.noise_multiplier, plan.normaliser
+        if isinstance(plan, PrivacyPlan):
+            expected_batch_size = plan.normaliser
+        clipping_threshold, dp_scale = plan.clipping_threshold, plan.noise_multiplier
     if clipping_threshold is None or dp_scale is None:
         raise TypeError("DPSVI needs clipping_threshold and dp_scale, or plan=PrivacyPlan(...)")
     if expected_batch_size is not None:
@@ -349,12 +314,15 @@ class DPSVI:
         If True (default), the plate scale of one example (the data-set size ``N``) is
         divided out before clipping, so ``C`` bounds one individual's unscaled contribution,
         and multiplied back after the noise.
-    plan : d3p.plan.PrivacyPlan, optional
-        Keyword-only, instead of ``clipping_threshold``, ``dp_scale`` and
-        ``expected_batch_size``: the plan's ``C``, noise multiplier and normaliser are
-        used, :meth:`run` draws the plan's batches, and refuses to take more than the
-        plan's ``num_steps`` steps in all. Without a plan, :meth:`run` builds one (Poisson
-        sampling) for its own steps.
+    plan : d3p.plan.PrivacyPlan or d3p.plan.PrivacyBudget, optional
+        Keyword-only, instead of ``clipping_threshold`` and ``dp_scale``. A
+        :class:`~d3p.plan.PrivacyPlan` also sets the normaliser (instead of
+        ``expected_batch_size``): :meth:`run` draws the plan's batches and refuses to take
+        more than the plan's ``num_steps`` steps in all. A
+        :class:`~d3p.plan.PrivacyBudget` (see :meth:`make_private_with_epsilon`) leaves the
+        data-set size open: :meth:`run` makes the budget's plan for the data it is given
+        and refuses runs beyond the budget. Without either, :meth:`run` builds a plan
+        (Poisson sampling) for its own steps. Stored as :attr:`plan` or :attr:`budget`.
     expected_batch_size : float, optional
         Keyword-only. The data-independent normaliser ``q * N`` for Poisson batches.
     chunk_size : int, optional
@@ -387,7 +355,8 @@ class DPSVI:
         self.clipping_threshold, self.dp_scale, self.expected_batch_size = _privacy_parameters(
             clipping_threshold, dp_scale, expected_batch_size, plan
         )
-        self.plan = plan
+        self.plan = plan if isinstance(plan, PrivacyPlan) else None
+        self.budget = plan if isinstance(plan, PrivacyBudget) else None
         if chunk_size is not None:
             chunk_size = _validation.count(chunk_size, "chunk_size")
         self.chunk_size = chunk_size
@@ -408,7 +377,6 @@ class DPSVI:
             type(per_example_loss) is Trace_ELBO and not per_example_loss.multi_sample_guide
         )
         self._layouts: tuple = (model, guide, {})  # see _site_layout
-        self._budget: _Budget | None = None
         self._warned_normaliser = False
         self._first_batch_size: int | None = None
         self._warned_lengths = False
@@ -599,25 +567,43 @@ class DPSVI:
         max_batch_size: Any,
         state: DPSVIState | None,
     ) -> PrivacyPlan | dict | None:
-        """The steps :meth:`get_epsilon` accounts: a plan, dputil's keywords, or None (none)."""
+        """The steps :meth:`get_epsilon` accounts: a plan, or, for untruncated Poisson
+        sampling of an unknown number of records, :mod:`d3p.dputil`'s keywords; None if no
+        step was taken."""
         if state is not None:
             if num_epochs is not None or num_iter is not None:
                 raise ValueError("give exactly one of num_epochs, num_iter and state")
             num_iter = int(state.num_steps)
             if num_iter == 0:
                 return None
-        covered = self.plan or self._budget
+        covered = self.plan or self.budget
         q = covered.q if q is None and covered is not None else q
         if q is None:
             raise ValueError("give the Poisson sampling rate q, in (0, 1]")
-        if self.plan is None:
-            return _accounted_run(q, num_epochs, num_iter, dataset_size, max_batch_size)
-        if q != self.plan.q or dataset_size is not None or max_batch_size is not None:
+        num_steps = _num_iter(q, num_epochs, num_iter)
+        if self.plan is not None:
+            if q != self.plan.q or dataset_size is not None or max_batch_size is not None:
+                raise ValueError(
+                    "this DPSVI's plan sets q, dataset_size and the batch size; give only the "
+                    f"number of steps (plan: {self.plan})"
+                )
+            return self.plan.with_steps(math.ceil(num_steps))
+        if (dataset_size is None) != (max_batch_size is None):
             raise ValueError(
-                "this DPSVI's plan sets q, dataset_size and the batch size; give only the "
-                f"number of steps (plan: {self.plan})"
+                "give both dataset_size and max_batch_size (truncated Poisson batches) or "
+                f"neither (untruncated); got dataset_size={dataset_size!r}, "
+                f"max_batch_size={max_batch_size!r}"
             )
-        return self.plan.with_steps(math.ceil(_num_iter(q, num_epochs, num_iter)))
+        if dataset_size is None:
+            return {"q": q, "num_iter": num_steps}
+        return PrivacyPlan.poisson(
+            dataset_size,
+            q,
+            self.clipping_threshold,
+            self.dp_scale,
+            math.ceil(num_steps),
+            max_batch_size=max_batch_size,
+        )
 
     @classmethod
     def make_private_with_epsilon(
@@ -639,11 +625,11 @@ class DPSVI:
     ) -> DPSVI:
         """A :class:`DPSVI` whose ``dp_scale`` spends at most ``target_epsilon``.
 
-        Like Opacus's ``make_private_with_epsilon``: calibrates the noise multiplier with
-        :func:`d3p.dputil.approximate_sigma_remove_relation` (add/remove-one relation,
-        ``force_smaller=True``, so the accountant's epsilon never exceeds the target) for
-        ``num_steps`` steps of Poisson sampling with rate ``q``. The returned object
-        remembers the plan: its :meth:`run` defaults to ``q`` and ``target_delta`` and
+        Like Opacus's ``make_private_with_epsilon``: the DPSVI of a
+        :meth:`d3p.plan.PrivacyBudget.calibrate` budget (add/remove-one relation, PLD
+        accountant, ``force_smaller=True``, so the accountant's epsilon never exceeds the
+        target) for ``num_steps`` steps of Poisson sampling with rate ``q``; the budget is
+        :attr:`budget`. Its :meth:`run` defaults to ``q`` and ``target_delta`` and
         refuses, before any work, a run that would take more than ``num_steps`` steps in
         all (those of its ``init_state`` included). Train in one call with
         ``DPSVI.make_private_with_epsilon(...).run(rng_key, num_steps, *data)``.
@@ -664,23 +650,19 @@ class DPSVI:
         **kwargs
             The keyword-only options and static model arguments of :class:`DPSVI`.
         """
-        num_steps = _validation.count(num_steps, "num_steps")
-        sigma, _, _ = dputil.approximate_sigma_remove_relation(
-            target_epsilon, target_delta, q, num_steps, tol=tol, force_smaller=True
+        budget = PrivacyBudget.calibrate(
+            target_epsilon, target_delta, q, num_steps, clipping_threshold, tol=tol
         )
-        dpsvi = cls(
+        return cls(
             model,
             guide,
             optim,
             per_example_loss,
-            clipping_threshold,
-            sigma,
-            rng_suite,
-            clip_unscaled_observations,
+            rng_suite=rng_suite,
+            clip_unscaled_observations=clip_unscaled_observations,
+            plan=budget,
             **kwargs,
         )
-        dpsvi._budget = _Budget(float(target_epsilon), float(target_delta), float(q), num_steps)
-        return dpsvi
 
     def run(
         self,
@@ -775,12 +757,6 @@ class DPSVI:
         taken = 0 if init_state is None else int(init_state.num_steps)
         plan, delta = self._plan_run(n, taken, num_steps, q, max_batch_size, delta)
         epsilon = plan.epsilon(delta)
-        if self._budget is not None and epsilon > self._budget.epsilon:
-            raise ValueError(
-                f"with max_batch_size={max_batch_size} the truncated Poisson sampling spends "
-                f"epsilon={epsilon} > the budget {self._budget.epsilon}; use a larger "
-                "max_batch_size or leave it at None"
-            )
         if check_finite:
             _validation.finite_data(args)
         in_mesh = contextlib.nullcontext()
@@ -853,61 +829,46 @@ class DPSVI:
     def _plan_run(
         self, n: int, done: int, num_steps: int, q: Any, max_batch_size: Any, delta: Any
     ) -> tuple[PrivacyPlan, float]:
-        """The plan of all ``done + num_steps`` steps of a run and the delta to report at.
-
-        Refuses runs beyond the steps a plan or budget covers, and fills ``q``/``delta``.
-        """
-        total = done + num_steps
-        covered = self.plan or self._budget
-        if covered is not None and total > covered.num_steps:
-            raise ValueError(
-                f"this DPSVI's privacy budget covers {covered.num_steps} steps; the state has "
-                f"taken {done}, so at most {covered.num_steps - done} more, got "
-                f"num_steps={num_steps} (the budget would be exceeded)"
-            )
-        if covered is not None and q is not None and q != covered.q:
-            raise ValueError(
-                f"this DPSVI's privacy budget is for q={covered.q}, got q={q} (the budget "
-                "would be exceeded)"
-            )
-        if delta is None and self._budget is None:
+        """The plan of all ``done + num_steps`` steps of a run over ``n`` records and the
+        delta to report at: this DPSVI's plan, its budget's plan, or a Poisson plan at rate
+        ``q``. Refuses, before any work, runs beyond what a plan or budget covers."""
+        covered = self.plan or self.budget
+        if covered is not None:
+            covered.check_steps(done, num_steps)
+            if q is not None and q != covered.q:
+                kind = "plan" if covered is self.plan else "budget"
+                raise ValueError(
+                    f"this DPSVI's privacy {kind} is for q={covered.q}, got q={q} (its "
+                    "accounting would not describe the run: the budget could be exceeded)"
+                )
+        if delta is None and self.budget is None:
             raise ValueError(
                 "DPSVI.run needs the delta at which to report the privacy spent, in "
                 "(0, 1); choose it well below 1 / N (the number of records), e.g. 1e-5"
             )
-        delta = self._budget.delta if delta is None else delta
+        delta = self.budget.delta if delta is None else delta
+        total = done + num_steps
         if self.plan is not None:
             if max_batch_size is not None:
                 raise ValueError("the plan sets the batch size; do not pass max_batch_size")
             return self.plan.with_steps(total), delta
-        if q is None and self._budget is None:
+        if self.budget is not None:
+            plan = self.budget.plan(n, total, max_batch_size)
+        elif q is None:
             raise ValueError("DPSVI.run needs the Poisson sampling rate q, in (0, 1]")
-        q = self._budget.q if q is None else q
+        else:
+            plan = PrivacyPlan.poisson(
+                n, q, self.clipping_threshold, self.dp_scale, total, max_batch_size=max_batch_size
+            )
         if self.expected_batch_size is not None and not math.isclose(
-            self.expected_batch_size, q * n
+            self.expected_batch_size, plan.normaliser
         ):
             warnings.warn(
-                f"DPSVI.run normalises by q * N = {q * n}, not expected_batch_size="
+                f"DPSVI.run normalises by q * N = {plan.normaliser}, not expected_batch_size="
                 f"{self.expected_batch_size}",
                 UserWarning,
                 stacklevel=3,
             )
-        if max_batch_size is not None:
-            candidates = (max_batch_size,)
-        else:
-            candidates = (*_BATCH_QUANTILES, n) if self._budget else _BATCH_QUANTILES[:1]
-        for candidate in candidates:
-            plan = PrivacyPlan(
-                "poisson",
-                n,
-                self.clipping_threshold,
-                self.dp_scale,
-                total,
-                q=q,
-                batch_size=minibatch.structural_batch_size(n, q, candidate),
-            )
-            if self._budget is None or plan.epsilon(delta) <= self._budget.epsilon:
-                break
         return plan, delta
 
     def _site_layout(self, params: Any, args: tuple, kwargs: dict) -> SiteLayout:

@@ -15,8 +15,8 @@ from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
 import d3p.random.debug
-from d3p import dputil
-from d3p.plan import PrivacyPlan
+from d3p import dputil, minibatch
+from d3p.plan import PrivacyBudget, PrivacyPlan
 
 POISSON = dict(sampling="poisson", dataset_size=1000, clipping_threshold=2.0, num_steps=50, q=0.05)
 FIXED = dict(
@@ -200,3 +200,81 @@ def test_fixed_and_full_batchers():
     init, get_batch = full.batcher(data)
     (x,), mask = get_batch(7, init(d3p.random.PRNGKey(0))[1])
     assert np.array_equal(x, data[0]) and bool(mask.all())
+
+
+def test_poisson_constructor_takes_a_batch_size_or_a_quantile():
+    fields = dict(clipping_threshold=2.0, noise_multiplier=1.0, num_steps=50)
+    by_quantile = PrivacyPlan.poisson(1000, 0.05, max_batch_size=0.999, **fields)
+    size = minibatch.structural_batch_size(1000, 0.05, 0.999)
+    assert by_quantile == PrivacyPlan("poisson", 1000, q=0.05, batch_size=size, **fields)
+    assert PrivacyPlan.poisson(1000, 0.05, **fields) == PrivacyPlan(**POISSON, noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="q"):
+        PrivacyPlan.poisson(1000, 1.5, **fields)
+
+
+# A budget calibrated to within tol = 1e-4 of epsilon = 1 (q = 0.05, 50 steps, N = 1000):
+# truncating at the 1 - 1e-6 quantile (86 rows) costs about 1e-4 of epsilon, which takes this
+# budget over; the 1 - 1e-9 quantile (96 rows) fits.
+def budget() -> PrivacyBudget:
+    return PrivacyBudget.calibrate(1.0, 1e-5, 0.05, 50, 2.0, tol=1e-4)
+
+
+def test_budget_is_calibrated_for_untruncated_poisson_sampling():
+    b = budget()
+    untruncated = PrivacyPlan.poisson(
+        1000, 0.05, 2.0, b.noise_multiplier, 50, max_batch_size=1000
+    ).epsilon(1e-5)
+    assert 1.0 - 1e-4 <= untruncated <= 1.0
+    assert (b.epsilon, b.delta, b.q, b.num_steps, b.clipping_threshold) == (
+        1.0,
+        1e-5,
+        0.05,
+        50,
+        2.0,
+    )
+    text = repr(b)
+    for name in ("epsilon", "delta", "q", "num_steps", "clipping_threshold", "noise_multiplier"):
+        assert f"{name}=" in text
+    assert pickle.loads(pickle.dumps(b)) == b
+
+
+def test_budget_plans_the_smallest_batch_that_fits():
+    b = budget()
+    quantiles = (1 - 1e-6, 1 - 1e-9, 1 - 1e-12, 1 - 1e-15)
+    sizes = [minibatch.structural_batch_size(1000, 0.05, level) for level in quantiles] + [1000]
+    spent = [
+        PrivacyPlan.poisson(1000, 0.05, 2.0, b.noise_multiplier, 50, max_batch_size=size).epsilon(
+            1e-5
+        )
+        for size in sizes
+    ]
+    fits = [size for size, eps in zip(sizes, spent, strict=True) if eps <= 1.0]
+    assert spent[0] > 1.0 and fits[0] == sizes[1]  # the case this budget was chosen for
+    plan = b.plan(1000)
+    assert (plan.sampling, plan.batch_size, plan.num_steps) == ("poisson", fits[0], 50)
+    assert plan.epsilon(1e-5) <= 1.0
+    assert b.plan(1000, num_steps=20).num_steps == 20
+    assert b.plan(1000, max_batch_size=200).batch_size == 200
+
+
+def test_budget_refuses_plans_beyond_it():
+    b = budget()
+    with pytest.raises(ValueError, match="max_batch_size=60 the truncated Poisson sampling"):
+        b.plan(1000, max_batch_size=60)
+    with pytest.raises(ValueError, match="covers 50 steps"):
+        b.plan(1000, num_steps=51)
+    with pytest.raises(ValueError, match="taken 45, so at most 5 more, got num_steps=6"):
+        b.check_steps(45, 6)
+    b.check_steps(45, 5)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [("epsilon", 0.0), ("delta", 1.0), ("q", 0.0), ("num_steps", 0), ("noise_multiplier", 0.0)],
+)
+def test_bad_budget_fields_are_refused_naming_the_argument(name, value):
+    fields = dict(
+        epsilon=1.0, delta=1e-5, q=0.05, num_steps=50, clipping_threshold=2.0, noise_multiplier=1.0
+    )
+    with pytest.raises(ValueError, match=name):
+        PrivacyBudget(**{**fields, name: value})

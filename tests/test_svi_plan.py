@@ -16,7 +16,7 @@ from numpyro.infer import Trace_ELBO
 
 import d3p.random
 from d3p import minibatch
-from d3p.plan import PrivacyPlan
+from d3p.plan import PrivacyBudget, PrivacyPlan
 from d3p.svi import DPSVI, DPSVIState
 
 with warnings.catch_warnings():
@@ -205,6 +205,34 @@ def test_plan_and_legacy_arguments_are_exclusive():
         DPSVI(point_model, empty_guide, optim, loss, 1.0)
     with pytest.raises(TypeError, match="PrivacyPlan"):
         DPSVI(point_model, empty_guide, optim, loss, plan={"q": 0.05})
+
+
+def test_a_budget_builds_the_dpsvi_of_make_private_with_epsilon():
+    loss = Trace_ELBO()
+    optim = numpyro.optim.SGD(1.0)
+    budget = PrivacyBudget.calibrate(1.0, 1e-5, 0.05, 10, 2.0)
+    made = DPSVI.make_private_with_epsilon(
+        point_model, empty_guide, optim, loss, 2.0, 1.0, 1e-5, 0.05, 10
+    )
+    assert made.budget == budget and made.plan is None
+    assert (made.clipping_threshold, made.dp_scale) == (2.0, budget.noise_multiplier)
+    # a budget leaves the data-set size open, so a hand loop may set the normaliser
+    built = DPSVI(
+        point_model,
+        empty_guide,
+        optim,
+        loss,
+        rng_suite=debug,
+        plan=budget,
+        expected_batch_size=10.0,
+    )
+    assert built.budget == budget and built.expected_batch_size == 10.0
+    with pytest.raises(TypeError, match="either plan or clipping_threshold and dp_scale"):
+        DPSVI(point_model, empty_guide, optim, loss, 2.0, plan=budget)
+    x, y = data()
+    result = built.run(debug.PRNGKey(0), 4, x, y, progress_bar=False)
+    assert result.dp_event == budget.plan(N, 4).dp_event()
+    assert result.epsilon == budget.plan(N, 4).epsilon(1e-5) and result.delta == 1e-5
 
 
 def test_variable_length_unpadded_batches_warn_once():
