@@ -34,6 +34,18 @@ _QUANTILES = (1 - 1e-6, 1 - 1e-9, 1 - 1e-12, 1 - 1e-15)
 _DEFAULT_QUANTILE = _QUANTILES[0]
 
 
+def _mechanism(clipping_threshold: Any, noise_multiplier: Any, no_noise: bool) -> dict:
+    """Validated ``C`` in (0, inf) and ``sigma`` in (0, inf), or [0, inf) if ``no_noise``."""
+    return {
+        "clipping_threshold": _validation.real(
+            clipping_threshold, "clipping_threshold", 0, math.inf
+        ),
+        "noise_multiplier": _validation.real(
+            noise_multiplier, "noise_multiplier", 0, math.inf, closed_low=no_noise
+        ),
+    }
+
+
 def _check_steps_left(covered: int, done: int, more: int) -> None:
     """Refuse taking ``more`` steps after ``done`` when only ``covered`` are planned."""
     if done + more > covered:
@@ -102,12 +114,7 @@ class PrivacyPlan:
         n = _validation.count(self.dataset_size, "dataset_size")
         fields = {
             "dataset_size": n,
-            "clipping_threshold": _validation.real(
-                self.clipping_threshold, "clipping_threshold", 0, math.inf
-            ),
-            "noise_multiplier": _validation.real(
-                self.noise_multiplier, "noise_multiplier", 0, math.inf, closed_low=True
-            ),
+            **_mechanism(self.clipping_threshold, self.noise_multiplier, no_noise=True),
             "num_steps": _validation.count(self.num_steps, "num_steps"),
             "relation": _validation.choice(self.relation, "relation", dputil.RELATIONS),
             **_batches(sampling, n, self.q, self.batch_size),
@@ -375,12 +382,7 @@ class PrivacyBudget:
             "delta": _validation.real(self.delta, "delta", 0, 1),
             "q": _validation.probability(self.q),
             "num_steps": _validation.count(self.num_steps, "num_steps"),
-            "clipping_threshold": _validation.real(
-                self.clipping_threshold, "clipping_threshold", 0, math.inf
-            ),
-            "noise_multiplier": _validation.real(
-                self.noise_multiplier, "noise_multiplier", 0, math.inf
-            ),
+            **_mechanism(self.clipping_threshold, self.noise_multiplier, no_noise=False),
         }
         for name, value in fields.items():
             object.__setattr__(self, name, value)
