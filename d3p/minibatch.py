@@ -21,18 +21,18 @@ Design (exact, cost independent of ``N`` for Poisson and fixed-size batches):
   positions or scatter over ``N`` needed). ``K`` is drawn by inversion of a table of
   ``P(K <= k)`` from ``scipy.stats.poisson`` (see the 64-bit inversion below), cut at a
   length ``kmax`` with ``P(K >= kmax) <= 2**-66``; the indices come from the secure
-  stream with unbiased rejection (and an exact fallback to ``rng_suite.randint`` in
-  the rare call where the stream block is short). The batch is *oversized* when more
+  stream with unbiased rejection (the stream continues in a further block in the
+  rare call where one block is short). The batch is *oversized* when more
   than ``max_batch_size`` distinct records are hit, which happens with probability
   exactly ``P(Binomial(N, q) > max_batch_size)``, the truncation probability the
   accountant assumes. Under ``"truncate"`` an oversized batch keeps
-  ``max_batch_size`` records chosen uniformly among the hit ones; a uniform
-  ``M``-subset of a uniform ``B``-subset is a uniform ``M``-subset, so those are drawn
-  directly with :func:`sample_without_replacement` (this is the truncation assumed
-  by dp-accounting's ``TruncatedSubsampledGaussianDpEvent``). A geometric-gap draw
-  (cumulative sums of Geometric(q) gaps) was not used: it needs ``log`` of uniforms
-  in float64, which x32 mode does not have, and in float32 the gaps would be off by
-  about 1e-7 relative.
+  ``max_batch_size`` records chosen uniformly among the hit ones: the first
+  ``max_batch_size`` distinct records in the order of the draws (given the set of hit
+  records, every order of their first hits is equally likely, by symmetry); this is
+  the truncation assumed by dp-accounting's ``TruncatedSubsampledGaussianDpEvent``.
+  A geometric-gap draw (cumulative sums of Geometric(q) gaps) was not used: it needs
+  ``log`` of uniforms in float64, which x32 mode does not have, and in float32 the gaps
+  would be off by about 1e-7 relative.
 * **Poisson batches, dense path** (large ``q``). The number of records in a Poisson
   batch is ``B ~ Binomial(N, q)``, drawn by inversion from ``scipy.stats.binom``;
   given ``B``, the members are a uniformly random subset of that size: the first
@@ -392,37 +392,67 @@ def _count_below(
     return jnp.sum(below, dtype=jnp.int32)
 
 
+class _HitStream(NamedTuple):
+    block: jax.Array  # number of stream blocks drawn so far
+    values: jax.Array  # (length,) used draws in stream order (valid below ``filled``)
+    filled: jax.Array  # number of valid entries of ``values``
+
+
 def _distinct_hits(
-    keys: jax.Array, count: jax.Array, length: int, n: int, size: int, rng_suite: ModuleType
+    stream_key: jax.Array,
+    count: jax.Array,
+    length: int,
+    n: int,
+    size: int,
+    truncate: bool,
+    rng_suite: ModuleType,
 ) -> tuple[jax.Array, jax.Array]:
     """The distinct values among ``count`` i.i.d. uniform draws from ``[0, n)``.
 
-    Returns the first ``size`` of them in increasing order (padded with 0) and how many
-    there are. The draws come from ``length`` 32-bit words, a word ``w`` being used (as
-    ``w mod n``) only if ``w >= 2**32 mod n`` (unbiased rejection inside the stream). In
-    the rare call where fewer than ``count`` words are used, all draws are taken from
-    ``rng_suite.randint`` instead; both give ``count`` i.i.d. uniform values whatever
-    ``count`` is, so the result stays exact. One sort of ``length`` values, no scatter
-    over ``n``.
+    Returns ``size`` indices and how many distinct values there are (``drawn``). If
+    ``drawn <= size`` (or not ``truncate``) the indices are the first ``size`` distinct
+    values in increasing order, padded with 0; else the first ``size`` of them in
+    the order of their first occurrence among the draws, a uniform ``size``-subset of
+    the distinct values (the draws' law is invariant under relabelling the records, so
+    given the set of distinct values every order of first occurrence is equally likely).
+
+    The draws are the 32-bit words ``w`` of the streams of ``fold_in(stream_key, b)``,
+    ``b = 0, 1, ...``, in order, a word being used (as ``w mod n``) only if
+    ``w >= 2**32 mod n`` (unbiased rejection). Blocks of ``length`` words are drawn in a
+    ``lax.while_loop`` until ``count <= length`` used words are found (almost always
+    one block). One sort of ``length`` values, no scatter over ``n``.
     """
-    stream_key, spare_key = keys
-    words = rng_suite.random_bits(stream_key, 32, (length,))
-    used = words >= np.uint32(2**32 % n)
-    rank = jnp.cumsum(used, dtype=jnp.int32)
-    values = (words % np.uint32(n)).astype(jnp.int32)
+    reject_below = np.uint32(2**32 % n)
 
-    def exact_stream(_):
-        values = rng_suite.randint(spare_key, (length,), 0, n, dtype=jnp.int32)
-        return values, jnp.arange(length) < count
+    def more(state: _HitStream) -> _HitStream:
+        key = rng_suite.fold_in(stream_key, state.block)
+        words = rng_suite.random_bits(key, 32, (length,))
+        used = words >= reject_below
+        rank = state.filled + jnp.cumsum(used, dtype=jnp.int32)
+        pos = jnp.where(used, rank - 1, length)
+        values = state.values.at[pos].set((words % np.uint32(n)).astype(jnp.int32), mode="drop")
+        return _HitStream(state.block + 1, values, jnp.minimum(rank[-1], length))
 
-    values, valid = lax.cond(
-        rank[-1] < count, exact_stream, lambda _: (values, used & (rank <= count)), None
-    )
+    init = _HitStream(jnp.uint32(0), jnp.zeros(length, jnp.int32), jnp.int32(0))
+    values = lax.while_loop(lambda s: s.filled < count, more, init).values
+    valid = jnp.arange(length) < count
     hits = lax.sort(jnp.where(valid, values, n))
     first = (hits < n) & jnp.concatenate([jnp.ones(1, bool), hits[1:] != hits[:-1]])
-    pos = jnp.where(first, jnp.cumsum(first, dtype=jnp.int32) - 1, size)
-    idx = jnp.zeros(size, jnp.int32).at[pos].set(hits, mode="drop")
-    return idx, jnp.sum(first, dtype=jnp.int32)
+    drawn = jnp.sum(first, dtype=jnp.int32)
+    idx = _compact(hits, first, size)
+    if truncate:
+        idx = lax.cond(
+            drawn > size,
+            lambda: _compact(values, _first_occurrences(values, valid, n), size),
+            lambda: idx,
+        )
+    return idx, drawn
+
+
+def _compact(values: jax.Array, keep: jax.Array, size: int) -> jax.Array:
+    """The first ``size`` entries of ``values`` where ``keep``, in order (padded with 0)."""
+    pos = jnp.where(keep, jnp.cumsum(keep, dtype=jnp.int32) - 1, size)
+    return jnp.zeros(size, jnp.int32).at[pos].set(values, mode="drop")
 
 
 def poisson_batchify_data(
@@ -532,18 +562,11 @@ def _poisson_batch(
     the batch size.
     """
     n = arrays[0].shape[0]
-    keys = rng_suite.split(rng_suite.fold_in(state, i), 4)
+    keys = rng_suite.split(rng_suite.fold_in(state, i), 2)
     count = _count_below(keys[0], thresholds, rng_suite)
     if length:
-        idx, drawn = _distinct_hits(keys[1:3], count, length, n, size, rng_suite)
+        idx, drawn = _distinct_hits(keys[1], count, length, n, size, truncate, rng_suite)
         oversized = drawn > size
-        if truncate:
-            # a uniform size-subset of the uniform drawn-subset is a uniform size-subset
-            idx = lax.cond(
-                oversized,
-                lambda: _ordered_sample(keys[3], size, size, n, rng_suite),
-                lambda: idx,
-            )
     else:
         drawn = count
         oversized = drawn > size

@@ -470,3 +470,31 @@ def test_first_occurrences_packed_and_pair_sorts_agree():
             expected[i] = True
     np.testing.assert_array_equal(packed, expected)
     np.testing.assert_array_equal(pairs, expected)
+
+
+@pytest.mark.parametrize("truncate", [False, True])
+def test_distinct_hits_continue_the_stream_and_truncate_in_hit_order(suite, truncate):
+    """The used draws run on into further blocks when a block is short, and an oversized
+    draw keeps the first distinct values in the order of the draws."""
+    n = 2**30 + 1  # words below 2**32 mod n = 2**30 - 3 are rejected: about a quarter
+    length, size = 8, 3
+    key = suite.PRNGKey(4)
+    words = np.concatenate(
+        [suite.random_bits(suite.fold_in(key, b), 32, (length,)) for b in range(8)]
+    )
+    stream = (words[words >= 2**32 % n] % n).astype(np.int64)
+    fn = jax.jit(lambda c: mb._distinct_hits(key, c, length, n, size, truncate, suite))
+    continued = 0
+    for count in range(length + 1):
+        continued += int(np.sum(words[:length] >= 2**32 % n) < count)
+        idx, drawn = fn(count)
+        draws = stream[:count]
+        distinct = np.unique(draws)
+        assert int(drawn) == len(distinct)
+        if truncate and len(distinct) > size:
+            _, first = np.unique(draws, return_index=True)
+            expected = draws[np.sort(first)][:size]
+        else:
+            expected = np.pad(distinct[:size], (0, max(0, size - len(distinct))))
+        np.testing.assert_array_equal(idx, expected)
+    assert continued > 0  # some counts needed a second block
