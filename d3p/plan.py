@@ -422,12 +422,15 @@ class PrivacyBudget:
     ) -> PrivacyPlan:
         """The Poisson plan of ``num_steps`` steps over ``dataset_size`` records in the budget.
 
-        ``num_steps`` defaults to the budget's (at most that many). With ``max_batch_size``
-        (an int, or a quantile level in (0, 1), see :meth:`PrivacyPlan.poisson`) that
-        structural batch size is used, and refused with a ``ValueError`` if the cost of
-        truncating oversized batches takes epsilon over the budget. Without it, the
-        smallest of the ``1 - 1e-6``, ``1 - 1e-9``, ... quantiles whose plan stays within
-        the budget, or ``dataset_size`` (no truncation, the calibrated case).
+        ``num_steps`` defaults to the budget's (at most that many). The structural batch
+        size is chosen for all of the budget's steps, whatever ``num_steps`` is, so every
+        run under one budget draws the same batches and the plan of their total describes
+        the earlier runs' steps too. With ``max_batch_size`` (an int, or a quantile level
+        in (0, 1), see :meth:`PrivacyPlan.poisson`) that size is used, and refused with a
+        ``ValueError`` if the cost of truncating oversized batches takes the budget's
+        steps over its epsilon. Without it, the smallest of the ``1 - 1e-6``, ``1 - 1e-9``,
+        ... quantiles whose plan stays within the budget, or ``dataset_size`` (no
+        truncation, the calibrated case).
         """
         steps = self.num_steps if num_steps is None else num_steps
         self.check_steps(0, _validation.count(steps, "num_steps"))
@@ -439,11 +442,11 @@ class PrivacyBudget:
                 self.q,
                 self.clipping_threshold,
                 self.noise_multiplier,
-                steps,
+                self.num_steps,
                 max_batch_size=size,
             )
             if plan.epsilon(self.delta) <= self.epsilon:
-                return plan
+                return plan.with_steps(steps)
         raise ValueError(
             f"with max_batch_size={max_batch_size} the truncated Poisson sampling spends "
             f"epsilon={plan.epsilon(self.delta)} > the budget {self.epsilon}; use a larger "

@@ -527,6 +527,8 @@ class DPSVI:
         ``max_batch_size`` (int, or quantile level in (0, 1)) and ``dataset_size`` (the
         number of records N) to account for it. Without them the result is the epsilon of
         untruncated Poisson sampling, which understates the cost of truncated batches.
+        With a budget (:meth:`make_private_with_epsilon`), ``dataset_size`` alone gives the
+        accounting of the batches :meth:`run` draws (:meth:`d3p.plan.PrivacyBudget.plan`).
         """
         run = self._accounted(q, num_epochs, num_iter, dataset_size, max_batch_size, state)
         if run is None:
@@ -588,6 +590,8 @@ class DPSVI:
                     f"number of steps (plan: {self.plan})"
                 )
             return self.plan.with_steps(math.ceil(num_steps))
+        if self.budget is not None and dataset_size is not None and max_batch_size is None:
+            return self.budget.plan(dataset_size, math.ceil(num_steps))  # what run draws
         if (dataset_size is None) != (max_batch_size is None):
             raise ValueError(
                 "give both dataset_size and max_batch_size (truncated Poisson batches) or "

@@ -258,12 +258,9 @@ def test_every_parameter_leaf_gets_noise_of_the_documented_scale(kind):
         assert abs(float(jnp.mean(leaf))) < 5 * target / np.sqrt(n), path
 
 
-@pytest.mark.parametrize("kind", ["stax", "flax"])
-def test_dense_layers_take_the_weighted_path(monkeypatch, kind):
-    # The weighted clipping recognises the Dense layers of stax and flax networks: their
-    # kernels meet the example only in one dot_general each, so their per-example gradients
-    # are never materialised (the biases are). The step must equal the exact path's (every
-    # per-example gradient materialised) up to float32 rounding.
+def weighted_and_exact_steps(monkeypatch, kind):
+    """The tap plan of ``kind``'s weighted clipping, and its step's change with the weighted
+    and with the exact path (every per-example gradient materialised), on one state."""
     plans = []
     original = _clipping.plan_taps
 
@@ -272,42 +269,37 @@ def test_dense_layers_take_the_weighted_path(monkeypatch, kind):
         return plans[-1]
 
     monkeypatch.setattr(_clipping, "plan_taps", spy)
-    dpsvi, state, change, (_, _, x, y) = privacy_setup(kind)
+    _, state, change, (_, _, x, y) = privacy_setup(kind)
     everyone = jnp.ones(B, bool)
     weighted = flat(change(state, x, y, everyone))
-    (plan,) = plans
-    leaf_shapes = [v.aval.shape for v in plan.closed.jaxpr.invars]
-    assert sorted(leaf_shapes[g.leaf] for g in plan.ghosts) == [(D, 5), (5, 1)]
-    assert sorted(leaf_shapes[i] for i in plan.dense) == [(1,), (5,)]
-
     monkeypatch.setattr(_clipping, "weighted_global_clipping", lambda *args: None)
     _, _, exact_change, _ = privacy_setup(kind)
     exact = flat(exact_change(state, x, y, everyone))
-    np.testing.assert_allclose(
-        weighted, exact, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(exact)))
-    )
+    (plan,) = plans
+    leaf_shapes = [v.aval.shape for v in plan.closed.jaxpr.invars]
+    ghosts = sorted(leaf_shapes[g.leaf] for g in plan.ghosts)
+    dense = sorted(leaf_shapes[i] for i in plan.dense)
+    return ghosts, dense, weighted, exact
+
+
+@pytest.mark.parametrize("kind", ["stax", "flax"])
+def test_dense_layers_take_the_weighted_path(monkeypatch, kind):
+    # The weighted clipping recognises the Dense layers of stax and flax networks: their
+    # kernels meet the example only in one dot_general each, so their per-example gradients
+    # are never materialised (the biases are). The step must equal the exact path's up to
+    # float32 rounding.
+    ghosts, dense, weighted, exact = weighted_and_exact_steps(monkeypatch, kind)
+    assert ghosts == [(D, 5), (5, 1)]
+    assert dense == [(1,), (5,)]
+    scale = float(jnp.max(jnp.abs(exact)))
+    np.testing.assert_allclose(weighted, exact, rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_unrecognised_layers_take_the_exact_path(monkeypatch):
     # Only the Dense kernel is tapped; the convolution's kernel and every bias get their
     # per-example gradients in full, and the step equals the exact path's.
-    plans = []
-    original = _clipping.plan_taps
-
-    def spy(*args):
-        plans.append(original(*args))
-        return plans[-1]
-
-    monkeypatch.setattr(_clipping, "plan_taps", spy)
-    dpsvi, state, change, (_, _, x, y) = privacy_setup("conv")
-    everyone = jnp.ones(B, bool)
-    weighted = flat(change(state, x, y, everyone))
-    monkeypatch.setattr(_clipping, "weighted_global_clipping", lambda *args: None)
-    _, _, exact_change, _ = privacy_setup("conv")
-    exact = flat(exact_change(state, x, y, everyone))
-    (plan,) = plans
-    leaf_shapes = [v.aval.shape for v in plan.closed.jaxpr.invars]
-    assert [leaf_shapes[g.leaf] for g in plan.ghosts] == [(2 * (D - 1), 1)]
-    assert sorted(leaf_shapes[i] for i in plan.dense) == [(1,), (1, 1, 2), (2, 1, 2)]
+    ghosts, dense, weighted, exact = weighted_and_exact_steps(monkeypatch, "conv")
+    assert ghosts == [(2 * (D - 1), 1)]
+    assert dense == [(1,), (1, 1, 2), (2, 1, 2)]
     scale = float(jnp.max(jnp.abs(exact)))
     np.testing.assert_allclose(weighted, exact, rtol=1e-5, atol=1e-5 * scale)

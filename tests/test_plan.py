@@ -253,7 +253,15 @@ def test_budget_plans_the_smallest_batch_that_fits():
     plan = b.plan(1000)
     assert (plan.sampling, plan.batch_size, plan.num_steps) == ("poisson", fits[0], 50)
     assert plan.epsilon(1e-5) <= 1.0
-    assert b.plan(1000, num_steps=20).num_steps == 20
+    # fewer steps would fit the first quantile, but every run under the budget keeps the
+    # batch size chosen for all its steps (a continued run then describes the earlier ones)
+    assert (
+        PrivacyPlan.poisson(
+            1000, 0.05, 2.0, b.noise_multiplier, 20, max_batch_size=sizes[0]
+        ).epsilon(1e-5)
+        <= 1.0
+    )
+    assert b.plan(1000, num_steps=20) == plan.with_steps(20)
     assert b.plan(1000, max_batch_size=200).batch_size == 200
 
 

@@ -233,6 +233,7 @@ def test_a_budget_builds_the_dpsvi_of_make_private_with_epsilon():
     result = built.run(debug.PRNGKey(0), 4, x, y, progress_bar=False)
     assert result.dp_event == budget.plan(N, 4).dp_event()
     assert result.epsilon == budget.plan(N, 4).epsilon(1e-5) and result.delta == 1e-5
+    assert built.get_epsilon(1e-5, state=result.state, dataset_size=N) == result.epsilon
 
 
 def test_variable_length_unpadded_batches_warn_once():
