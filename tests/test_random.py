@@ -127,16 +127,16 @@ def test_rfc8439_block_function():
         )
 
 
-def test_chacha_row_layout_matches_word_layout(monkeypatch):
-    # Looped on CPU, small draws use the row layout and large ones the 16-word layout;
-    # forcing each on the same draw (counter wrapping past 2**32) gives the same words.
+def test_chacha_looped_matches_unrolled():
+    # The looped (16, n) layout (CPU) and the unrolled 16-word layout (other backends) give
+    # the same words, here on a draw whose counter wraps past 2**32 and on one of more than
+    # a thousand blocks.
     state = dr.PRNGKey(123).at[3, 0].set(np.uint32(2**32 - 2))
-    rows = chacha._blocks.__wrapped__(state, 5, False)
-    monkeypatch.setattr(chacha, "_ROW_LAYOUT_MAX_BLOCKS", 0)
-    words = chacha._blocks.__wrapped__(state, 5, False)
-    np.testing.assert_array_equal(rows, words)
-    np.testing.assert_array_equal(rows, chacha._blocks.__wrapped__(state, 5, True))
-    np.testing.assert_array_equal(rows[48:64], chacha.block(state.at[3, 0].set(1)).reshape(-1))
+    looped = chacha._blocks.__wrapped__(state, 5, False)
+    np.testing.assert_array_equal(looped, chacha._blocks.__wrapped__(state, 5, True))
+    np.testing.assert_array_equal(looped[48:64], chacha.block(state.at[3, 0].set(1)).reshape(-1))
+    many = chacha._blocks(dr.PRNGKey(7), 1100, False)
+    np.testing.assert_array_equal(many, chacha._blocks(dr.PRNGKey(7), 1100, True))
 
 
 def test_prngkey_seeds():
