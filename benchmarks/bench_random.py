@@ -6,8 +6,11 @@ Rows: 32-bit words (``random_bits`` vs ``jax.random.bits``), standard normals
 (``normal`` vs ``jax.random.normal``) and the hardened privacy-noise sampler
 (``hardened_normal``, and d3p 0.3.0's ``hardened_normal_sum4``, against
 ``jax.random.normal``). Each function is jitted and
-timed after compilation; ``ratio`` is d3p's time over the baseline's. The last row
-times small ChaCha draws in a loop with the double rounds unrolled and looped.
+timed after compilation; ``ratio`` is d3p's time over the baseline's. Then
+``hardened_normal`` against ``d3p.random.normal`` as DPSVI draws its noise: ``n``
+values per step of a jitted loop, each step's draw summed (``baseline_s`` is
+``normal``'s time per step). The last row times small ChaCha draws in a loop with the
+double rounds unrolled and looped.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 import d3p.random as dr
-from benchmarks._common import format_table, time_call
+from benchmarks._common import format_table, time_call, time_interleaved
 from d3p.random import chacha
 
 
@@ -32,6 +35,26 @@ def _row(name: str, n: int, ours, baseline, key, jax_key) -> dict:
         "jax_s": base_t,
         "ratio": ours_t / base_t,
         "d3p_Msamples_per_s": n / ours_t / 1e6,
+    }
+
+
+def _noise_row(n: int, steps: int) -> dict:
+    """``hardened_normal`` vs ``normal`` of ``n`` values per step inside a jitted loop."""
+    key = dr.PRNGKey(0)
+
+    def loop(sampler):
+        def body(i, total):
+            return total + jnp.sum(sampler(dr.fold_in(key, i), (n,)))
+
+        return jax.jit(lambda: jax.lax.fori_loop(0, steps, body, 0.0))
+
+    times = time_interleaved({"ours": loop(dr.hardened_normal), "base": loop(dr.normal)})
+    return {
+        "what": "hardened_normal vs d3p.random.normal, per step of a jitted loop",
+        "n": n,
+        "d3p_s": times["ours"] / steps,
+        "baseline_s": times["base"] / steps,
+        "ratio": times["ours"] / times["base"],
     }
 
 
@@ -95,6 +118,8 @@ def run(quick: bool) -> list[dict]:
             key,
             jax_key,
         ),
+        # W3 of the svi section has 10,402 variational parameters
+        *(_noise_row(size, 20 if quick else 100) for size in (10_000, 100_000, 1_000_000)),
         # a W1 DPSVI step draws about 51 blocks of noise words
         _unroll_row(64, 20 if quick else 200),
     ]
