@@ -80,7 +80,7 @@ def _block_words(words: list[jax.Array]) -> list[jax.Array]:
 
 # Order of the 16 state rows in which the diagonal quarter rounds (0, 5, 10, 15),
 # (1, 6, 11, 12), (2, 7, 8, 13), (3, 4, 9, 14) act on rows (i, 4 + i, 8 + i, 12 + i), as the
-# column rounds do in the natural order (RFC 8439, section 2.2), and its inverse.
+# column rounds do in the natural order (RFC 8439, section 2.3), and its inverse.
 _DIAGONAL_ORDER = np.array([0, 1, 2, 3, 5, 6, 7, 4, 10, 11, 8, 9, 15, 12, 13, 14], np.int32)
 _NATURAL_ORDER = np.argsort(_DIAGONAL_ORDER).astype(np.int32)
 
