@@ -24,11 +24,10 @@ from jax.flatten_util import ravel_pytree
 from numpyro.infer import SVI, Trace_ELBO
 
 import d3p.random
-from d3p import _sharding, _validation, dputil
+from d3p import _clipping, _sharding, _validation, dputil
 from d3p._clipping import (
     GlobalSample,
     add_examples_axis,
-    clipped_sum,
     linearised_global_sample,
 )
 from d3p._elbo_split import (
@@ -1139,7 +1138,7 @@ class DPSVI:
         def example(p, v, ex, i):
             return self._example_loss(p, v, jax_key, ex, kwargs, i, obs_scale, layout)
 
-        grad_sum, loss_sum, num_bad = clipped_sum(
+        grad_sum, loss_sum, num_bad = _clipping.clipped_sum(
             example,
             params,
             sample,
