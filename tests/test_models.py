@@ -1,7 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 # SPDX-FileCopyrightText: © 2026 d3p developers
 """DPSVI on the model kinds of issue 15: networks (pytree param sites), tuple params, flow
-guides and data-free factors outside the data plate."""
+guides and data-free factors outside the data plate; and (issue 25) the network modules of
+numpyro.contrib.module today: flax nnx (nnx_module, random_nnx_module) and equinox
+(eqx_module, random_eqx_module)."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ import numpyro.distributions as dist
 import pytest
 from jax.example_libraries import stax
 from numpyro.infer import Trace_ELBO
-from numpyro.infer.autoguide import AutoBNAFNormal, AutoDiagonalNormal, AutoIAFNormal
+from numpyro.infer.autoguide import AutoBNAFNormal, AutoDiagonalNormal, AutoIAFNormal, AutoNormal
 from numpyro.optim import SGD
 
 from d3p import _clipping
@@ -22,6 +24,14 @@ try:
     import flax.linen as nn
 except ImportError:  # without the 'nn' extra the flax cases skip
     nn = None
+try:
+    from flax import nnx
+except ImportError:  # without the 'nn' extra the nnx cases skip
+    nnx = None
+try:
+    import equinox as eqx
+except ImportError:  # without the 'nn' extra the equinox cases skip
+    eqx = None
 
 N, B, D = 100, 8, 3
 
@@ -33,6 +43,19 @@ if nn is not None:
         @nn.compact
         def __call__(self, h):
             return nn.Dense(1)(nn.tanh(nn.Dense(5)(h)))
+
+
+if nnx is not None:
+
+    class NnxMLP(nnx.Module):
+        """Linear(5) - tanh - Linear(1) in flax nnx (eagerly initialised, as nnx_module wants)."""
+
+        def __init__(self, rngs):
+            self.hidden = nnx.Linear(D, 5, rngs=rngs)
+            self.out = nnx.Linear(5, 1, rngs=rngs)
+
+        def __call__(self, h):
+            return self.out(jnp.tanh(self.hidden(h)))
 
 
 def data(n=B):
@@ -60,6 +83,58 @@ def flax_model(x, y):
 def flax_case():
     pytest.importorskip("flax.linen", reason="the flax case needs the 'nn' extra")
     return flax_model, empty_guide
+
+
+def nnx_model(x, y):
+    from numpyro.contrib.module import nnx_module
+
+    net = nnx_module("net", NnxMLP(nnx.Rngs(0)))
+    with numpyro.plate("data", N, subsample_size=x.shape[0]):
+        numpyro.sample("y", dist.Normal(net(x)[:, 0], 1.0), obs=y)
+
+
+def random_nnx_model(x, y):
+    # a Bayesian network: every weight a latent with a Normal(0, 1) prior
+    from numpyro.contrib.module import random_nnx_module
+
+    net = random_nnx_module("net", NnxMLP(nnx.Rngs(0)), dist.Normal(0.0, 1.0))
+    with numpyro.plate("data", N, subsample_size=x.shape[0]):
+        numpyro.sample("y", dist.Normal(net(x)[:, 0], 1.0), obs=y)
+
+
+def eqx_mlp():
+    """Linear(5) - tanh - Linear(1) in equinox; it maps one record, hence the vmap below."""
+    return eqx.nn.MLP(D, 1, 5, 1, activation=jnp.tanh, key=jax.random.key(0))
+
+
+def eqx_model(x, y):
+    from numpyro.contrib.module import eqx_module
+
+    net = eqx_module("net", eqx_mlp())
+    with numpyro.plate("data", N, subsample_size=x.shape[0]):
+        numpyro.sample("y", dist.Normal(jax.vmap(net)(x)[:, 0], 1.0), obs=y)
+
+
+def random_eqx_model(x, y):
+    from numpyro.contrib.module import random_eqx_module
+
+    net = random_eqx_module("net", eqx_mlp(), dist.Normal(0.0, 1.0))
+    with numpyro.plate("data", N, subsample_size=x.shape[0]):
+        numpyro.sample("y", dist.Normal(jax.vmap(net)(x)[:, 0], 1.0), obs=y)
+
+
+def nnx_case(random=False):
+    pytest.importorskip("flax.nnx", reason="the nnx cases need the 'nn' extra")
+    if random:
+        return random_nnx_model, AutoNormal(random_nnx_model)
+    return nnx_model, empty_guide
+
+
+def eqx_case(random=False):
+    pytest.importorskip("equinox", reason="the equinox cases need the 'nn' extra")
+    if random:
+        return random_eqx_model, AutoNormal(random_eqx_model)
+    return eqx_model, empty_guide
 
 
 def tuple_model(x, y):
@@ -106,6 +181,10 @@ CASES = {
     "stax": lambda: (stax_model, empty_guide),
     "conv": lambda: (conv_model, empty_guide),
     "flax": flax_case,
+    "nnx": nnx_case,
+    "nnx_random": lambda: nnx_case(random=True),
+    "eqx": eqx_case,
+    "eqx_random": lambda: eqx_case(random=True),
     "tuple": lambda: (tuple_model, empty_guide),
     "iaf": lambda: (linear_model, AutoIAFNormal(linear_model, num_flows=1, hidden_dims=[4])),
     "bnaf": lambda: (linear_model, AutoBNAFNormal(linear_model, num_flows=1, hidden_factors=[2])),
@@ -118,7 +197,7 @@ def kinds(default):
     return [k if k in default else pytest.param(k, marks=pytest.mark.slow) for k in sorted(CASES)]
 
 
-@pytest.mark.parametrize("kind", kinds({"stax", "flax", "tuple", "iaf", "factor"}))
+@pytest.mark.parametrize("kind", kinds({"stax", "flax", "nnx", "eqx", "tuple", "iaf", "factor"}))
 def test_model_kind_trains(kind):
     # these crashed in DPSVI.init before (pytree param sites; factor outside the plate)
     model, guide = CASES[kind]()
@@ -201,7 +280,7 @@ def brute_force_data_grads(dpsvi, state, model, guide, x, y):
     return jax.vmap(data_grad)(x[:, None], y[:, None])
 
 
-@pytest.mark.parametrize("kind", kinds({"stax", "flax", "tuple"}))
+@pytest.mark.parametrize("kind", kinds({"stax", "flax", "nnx", "eqx", "tuple"}))
 def test_clipped_contributions_and_replace_one_bound(kind):
     # dp_scale = 0, SGD(1): the change of a step is N / B * (sum of clipped per-example
     # gradients) + the global gradient (expected_batch_size = B). A step with only example
@@ -282,14 +361,15 @@ def weighted_and_exact_steps(monkeypatch, kind):
     return ghosts, dense, weighted, exact
 
 
-@pytest.mark.parametrize("kind", ["stax", "flax"])
+@pytest.mark.parametrize("kind", ["stax", "flax", "nnx", "eqx"])
 def test_dense_layers_take_the_weighted_path(monkeypatch, kind):
-    # The weighted clipping recognises the Dense layers of stax and flax networks: their
-    # kernels meet the example only in one dot_general each, so their per-example gradients
-    # are never materialised (the biases are). The step must equal the exact path's up to
-    # float32 rounding.
+    # The weighted clipping recognises the Dense layers of stax, flax (linen and nnx) and
+    # equinox networks: their kernels meet the example only in one dot_general each, so their
+    # per-example gradients are never materialised (the biases are). The step must equal the
+    # exact path's up to float32 rounding. Equinox stores its weights as (out, in) and maps
+    # one record (vmap), so its kernels enter the product transposed.
     ghosts, dense, weighted, exact = weighted_and_exact_steps(monkeypatch, kind)
-    assert ghosts == [(D, 5), (5, 1)]
+    assert ghosts == ([(1, 5), (5, 3)] if kind == "eqx" else [(D, 5), (5, 1)])
     assert dense == [(1,), (5,)]
     scale = float(jnp.max(jnp.abs(exact)))
     np.testing.assert_allclose(weighted, exact, rtol=1e-5, atol=1e-5 * scale)
