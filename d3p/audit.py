@@ -358,14 +358,35 @@ def _log_predictive(
     num_samples: int,
 ) -> np.ndarray:
     """``log E_q[p(record | z)]`` of each record under the guide ``q`` with ``params``."""
-    samples = numpyro.infer.Predictive(guide, params=params, num_samples=num_samples)(
-        key, *records, **kwargs
-    )
-    loglik = numpyro.infer.log_likelihood(model, samples, *records, **kwargs)
+    guide_key, model_key = jax.random.split(key)
+    # the guide's latent sample sites (Predictive also returns plates' subsample indices)
+    guide_trace = numpyro.handlers.trace(
+        numpyro.handlers.substitute(numpyro.handlers.seed(guide, guide_key), data=params)
+    ).get_trace(*records, **kwargs)
+    latents = [
+        name for name, s in guide_trace.items() if s["type"] == "sample" and not s["is_observed"]
+    ]
+    samples = numpyro.infer.Predictive(
+        guide, params=params, num_samples=num_samples, return_sites=latents
+    )(guide_key, *records, **kwargs)
     m = records[0].shape[0]
-    total = sum(jnp.reshape(v, (num_samples, m, -1)).sum(-1) for v in loglik.values())
-    if not loglik:
-        raise ValueError("the model has no observed site: input canaries cannot be scored")
+
+    def loglik(sample: dict, k: jax.Array) -> jax.Array:
+        # the model at one guide draw (seeded: a subsampling plate needs a key); observed
+        # sites' unscaled log-densities, summed per record (the first axis)
+        fn = numpyro.handlers.substitute(numpyro.handlers.seed(model, k), data=sample)
+        trace = numpyro.handlers.trace(fn).get_trace(*records, **kwargs)
+        sites = [
+            s["fn"].log_prob(s["value"])
+            for s in trace.values()
+            if s["type"] == "sample" and s["is_observed"]
+        ]
+        if not sites:
+            raise ValueError("the model has no observed site: input canaries cannot be scored")
+        return sum(jnp.reshape(lp, (m, -1)).sum(-1) for lp in sites)
+
+    keys = jax.random.split(model_key, num_samples)
+    total = jax.vmap(loglik)(samples, keys)  # (num_samples, m)
     return np.asarray(jax.nn.logsumexp(total, axis=0) - math.log(num_samples))
 
 
@@ -569,11 +590,14 @@ def audit_dpsvi(
         scores = np.asarray(result.params["audit_canary"] - init_params["audit_canary"])
     else:
         score_key = jax.random.key(seed)  # scoring randomness is the auditor's, not private
+        score_kwargs = dict(kwargs)
+        if dataset_size_kwarg is not None:  # all m canaries at once: a plate of >= m records
+            score_kwargs[dataset_size_kwarg] = max(n, m)
         after = _log_predictive(
-            model, guide, result.params, score_key, canaries, kwargs, num_posterior_samples
+            model, guide, result.params, score_key, canaries, score_kwargs, num_posterior_samples
         )
         before = _log_predictive(
-            model, guide, init_params, score_key, canaries, kwargs, num_posterior_samples
+            model, guide, init_params, score_key, canaries, score_kwargs, num_posterior_samples
         )
         scores = after - before
     scores = np.asarray(scores, np.float64)
