@@ -387,7 +387,7 @@ def _log_predictive(
 
     keys = jax.random.split(model_key, num_samples)
     total = jax.vmap(loglik)(samples, keys)  # (num_samples, m)
-    return np.asarray(jax.nn.logsumexp(total, axis=0) - math.log(num_samples))
+    return jax.nn.logsumexp(total, axis=0) - math.log(num_samples)
 
 
 def audit_dpsvi(
@@ -577,7 +577,8 @@ def audit_dpsvi(
         init_params = {"audit_mean": jnp.zeros(()), "audit_canary": jnp.zeros(m)}
     else:
         zeros = tuple(jnp.zeros((run_plan.batch_size, *a.shape[1:]), a.dtype) for a in dataset)
-        init_params = dpsvi.get_params(dpsvi.init(init_key, *zeros))
+        # the run's starting point, fixed here so that scores can compare with it
+        init_params = jax.jit(lambda key, z: dpsvi.get_params(dpsvi.init(key, *z)))(init_key, zeros)
     result = dpsvi.run(
         run_key,
         run_plan.num_steps,
@@ -593,13 +594,18 @@ def audit_dpsvi(
         score_kwargs = dict(kwargs)
         if dataset_size_kwarg is not None:  # all m canaries at once: a plate of >= m records
             score_kwargs[dataset_size_kwarg] = max(n, m)
-        after = _log_predictive(
-            model, guide, result.params, score_key, canaries, score_kwargs, num_posterior_samples
-        )
-        before = _log_predictive(
-            model, guide, init_params, score_key, canaries, score_kwargs, num_posterior_samples
-        )
-        scores = after - before
+
+        @jax.jit  # one compiled program instead of hundreds of eager operations
+        def gain(params_after, params_before, records):
+            after = _log_predictive(
+                model, guide, params_after, score_key, records, score_kwargs, num_posterior_samples
+            )
+            before = _log_predictive(
+                model, guide, params_before, score_key, records, score_kwargs, num_posterior_samples
+            )
+            return after - before
+
+        scores = gain(result.params, init_params, canaries)
     scores = np.asarray(scores, np.float64)
     eps_lb, r, v, kp, km = _bound_from_scores(scores, included, sizes, delta, confidence)
     return AuditResult(
