@@ -333,3 +333,83 @@ def test_harness_rejects_bad_input():
         audit_dpsvi(plan, 10, kind="input")
     with pytest.raises(ValueError, match="seed"):
         audit_dpsvi(plan, 10, seed=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Input canaries
+# --------------------------------------------------------------------------------------------
+
+
+def _category_model(x, category, y, num_categories=1, num_obs_total=None):
+    """Logistic regression on x plus one weight per category (a canary: its own category)."""
+    import numpyro
+    import numpyro.distributions as dist
+
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([x.shape[-1]]).to_event(1))
+    u = numpyro.sample("u", dist.Normal(0.0, 1.0).expand([num_categories]).to_event(1))
+    with numpyro.plate("data", num_obs_total, subsample_size=x.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(logits=x @ w + u[category]), obs=y)
+
+
+def _input_audit(plan, m, **kwargs):
+    from numpyro.infer.autoguide import AutoDiagonalNormal
+    from numpyro.optim import Adam
+
+    rng = np.random.default_rng(0)
+    n = plan.dataset_size - m
+    x = rng.normal(size=(n, 3)).astype(np.float32)
+    y = (rng.random(n) < 1 / (1 + np.exp(-x.sum(1)))).astype(np.float32)
+    data = (x, np.zeros(n, np.int32), y)
+    canaries = (np.zeros((m, 3), np.float32), np.arange(1, m + 1, dtype=np.int32), np.ones(m))
+    return audit_dpsvi(
+        plan,
+        m,
+        kind="input",
+        model=_category_model,
+        guide=AutoDiagonalNormal(_category_model),
+        data=data,
+        canaries=canaries,
+        optim=Adam(0.05),
+        delta=DELTA,
+        seed=3,
+        num_categories=m + 1,
+        **kwargs,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("relation", ["add_remove", "substitute"])
+def test_input_canaries_sound(relation):
+    m = 500
+    audit = _input_audit(PrivacyPlan.poisson(m + 50, 0.5, 1.0, 1.0, 20, relation=relation), m)
+    _report(f"input canaries, poisson {relation} sigma=1", audit)
+    assert np.all(np.isfinite(audit.scores))
+    # the trained posterior favours the canaries' label y = 1 more when they were in
+    assert audit.scores[audit.included].mean() > audit.scores[~audit.included].mean()
+    assert audit.epsilon_lower_bound <= audit.epsilon
+
+
+@pytest.mark.slow
+def test_input_canaries_catch_noise_scaled_down():
+    m = 500
+    plan = PrivacyPlan.poisson(m + 50, 0.5, 1.0, POWER["sigma"], 20)
+    audit = _input_audit(plan, m, rng_suite=_quiet_suite())
+    _report("input canaries, noise / 10", audit)
+    assert audit.epsilon_lower_bound > audit.epsilon
+
+
+@pytest.mark.slow
+def test_example_smoke(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "audit.py"
+    spec = importlib.util.spec_from_file_location("d3p_example_audit", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    plot = tmp_path / "audit.png"
+    result = example.main(["--smoke", "--plot", str(plot)])
+    sound, broken = result["sound"], result["noise / 10 (broken)"]
+    assert sound["epsilon_lower_bound"] <= sound["epsilon"]
+    assert broken["epsilon_lower_bound"] > broken["epsilon"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
