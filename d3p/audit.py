@@ -170,8 +170,9 @@ def epsilon_lower_bound(
     mechanism is *not* (eps', delta)-DP for any ``eps' < eps_lb``. It is 0 when no
     epsilon is refuted (e.g. ``v <= r / 2``).
 
-    The p-value increases with eps, so a bracketing root-find (Brent's method, to 1e-9 in
-    eps) gives the crossing; each call takes about a millisecond for ``r = 10^4``.
+    The p-value increases with eps (the tail term does; the whole is checked on grids in
+    the tests), so a bracketing root-find (Brent's method, to 1e-9 in eps) gives the
+    crossing; a call takes a few milliseconds at ``r = 10^4``, less for fewer guesses.
 
     Parameters
     ----------
