@@ -56,6 +56,8 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import re
+import sys
 import warnings
 from collections.abc import Sequence
 from importlib import metadata
@@ -705,6 +707,33 @@ def _report(args: argparse.Namespace, sigma: float, eps: float, delta: float) ->
     return "\n".join(f"{name + ':':<12}{value}" for name, value in lines)
 
 
+# Help of the command line's value flags (their allowed ranges are checked in _cli_problem).
+_CLI_HELP = {
+    "epsilon": "epsilon: the target (sigma, > 0) or the given value (delta, >= 0)",
+    "delta": "delta in (0, 1)",
+    "sigma": "noise multiplier > 0 (noise std / clipping threshold)",
+    "q": "Poisson sampling ratio in (0, 1]",
+    "num_iter": "number of steps >= 1 (a float is rounded up)",
+    "tol": "tolerance on epsilon, > 0",
+    "maxeval": "maximum number of accountant evaluations, >= 1",
+}
+# The library's argument names, as its error messages give them, and the flags they come from.
+_CLI_FLAGS = {
+    "target_eps": "--epsilon",
+    "epsilon": "--epsilon",
+    "delta": "--delta",
+    "sigma": "--sigma",
+    "q": "--q",
+    "num_iter": "--num-iter",
+    "tol": "--tol",
+    "maxeval": "--maxeval",
+    "relation": "--relation",
+    "accountant": "--accountant",
+}
+# "name=..." or "name must ..." in a library message: an argument, not a word of the text
+_CLI_NAME = re.compile(r"\b(" + "|".join(_CLI_FLAGS) + r")\b(?=\s*(?:=|must\b))")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="d3p-privacy",
@@ -718,29 +747,67 @@ def _build_parser() -> argparse.ArgumentParser:
     }
     for name, (help_text, given) in specs.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
+        # errors found after parsing go through the subcommand's parser: it prints its usage
+        sub.set_defaults(subparser=sub)
         for arg in given:
-            sub.add_argument(f"--{arg}", type=float, required=True)
-        sub.add_argument("--q", type=float, required=True, help="sampling ratio in (0, 1]")
-        sub.add_argument(
-            "--num-iter", type=float, required=True, help="number of steps (a float is rounded up)"
-        )
+            sub.add_argument(f"--{arg}", type=float, required=True, help=_CLI_HELP[arg])
+        sub.add_argument("--q", type=float, required=True, help=_CLI_HELP["q"])
+        sub.add_argument("--num-iter", type=float, required=True, help=_CLI_HELP["num_iter"])
         sub.add_argument("--relation", choices=RELATIONS, default="add_remove")
         sub.add_argument("--accountant", choices=ACCOUNTANTS, default="pld")
         if name == "sigma":
-            sub.add_argument("--tol", type=float, default=1e-4, help="tolerance on epsilon")
+            sub.add_argument("--tol", type=float, default=1e-4, help=_CLI_HELP["tol"])
             sub.add_argument(
                 "--force-smaller",
                 action="store_true",
                 help="never return an epsilon above the target",
             )
-            sub.add_argument(
-                "--maxeval", type=int, default=10, help="maximum number of accountant evaluations"
-            )
+            sub.add_argument("--maxeval", type=int, default=10, help=_CLI_HELP["maxeval"])
     return parser
+
+
+def _cli_problem(args: argparse.Namespace) -> str | None:
+    """The first value flag out of its range, as a message naming the flag (None if all fit)."""
+    given_epsilon = args.command == "delta"  # a given epsilon may be 0; a target may not
+    checks = (
+        ("epsilon", (lambda v: v >= 0) if given_epsilon else (lambda v: v > 0)),
+        ("delta", lambda v: 0 < v < 1),
+        ("sigma", lambda v: v > 0),
+        ("q", lambda v: 0 < v <= 1),
+        ("num_iter", lambda v: v >= 1),
+        ("tol", lambda v: v > 0),
+        ("maxeval", lambda v: v >= 1),
+    )
+    allowed = {
+        "epsilon": ">= 0" if given_epsilon else "> 0",
+        "delta": "in (0, 1)",
+        "sigma": "> 0",
+        "q": "in (0, 1]",
+        "num_iter": ">= 1",
+        "tol": "> 0",
+        "maxeval": ">= 1",
+    }
+    for name, fits in checks:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            return f"{_CLI_FLAGS[name]} must be finite, got {value}"
+        if not fits(value):
+            return f"{_CLI_FLAGS[name]} must be {allowed[name]}, got {value:g}"
+    return None
+
+
+def _cli_message(error: Exception) -> str:
+    """A library error with its argument names replaced by the command line's flags."""
+    return _CLI_NAME.sub(lambda m: _CLI_FLAGS[m[1]], str(error))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line entry point (``python -m d3p.dputil`` / ``d3p-privacy``).
+
+    Values out of range are refused before any accounting, with the flag's name and the
+    subcommand's usage (exit status 2, as for argparse's own errors).
 
     Parameters
     ----------
@@ -749,37 +816,51 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     parser = _build_parser()
     args = parser.parse_args(argv)
+    command = args.subparser
+    problem = _cli_problem(args)
+    if problem is not None:
+        command.error(problem)
     common = dict(relation=args.relation, accountant=args.accountant)
     try:
-        if args.command == "sigma":
-            sigma, eps, num_evals = calibrate_sigma(
-                args.epsilon,
-                args.delta,
-                args.q,
-                args.num_iter,
-                tol=args.tol,
-                force_smaller=args.force_smaller,
-                maxeval=args.maxeval,
-                **common,
-            )
-            delta = args.delta
-            note = (
-                f"target epsilon {args.epsilon:g} (tol {args.tol:g}"
-                f"{', never above' if args.force_smaller else ''}), "
-                f"{num_evals} accountant evaluations"
-            )
-        elif args.command == "epsilon":
-            sigma, delta = args.sigma, args.delta
-            eps = compute_epsilon(sigma, delta, args.q, args.num_iter, **common)
-            note = "epsilon is an upper bound for this delta"
-        else:
-            sigma, eps = args.sigma, args.epsilon
-            delta = compute_delta(sigma, eps, args.q, args.num_iter, **common)
-            note = "delta is an upper bound for this epsilon"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sigma, eps, delta, note = _cli_compute(args, common)
     except (ValueError, RuntimeError) as error:
-        parser.error(str(error))
+        command.error(_cli_message(error))
+    for warning in caught:  # e.g. the calibration missed --tol within --maxeval evaluations
+        print(f"{command.prog}: warning: {_cli_message(warning.message)}", file=sys.stderr)
     print(_report(args, sigma, eps, delta))
     print(f"{'note:':<12}{note}")
+
+
+def _cli_compute(args: argparse.Namespace, common: dict) -> tuple[float, float, float, str]:
+    """sigma, epsilon, delta and a note for the command ``args.command``."""
+    if args.command == "sigma":
+        sigma, eps, num_evals = calibrate_sigma(
+            args.epsilon,
+            args.delta,
+            args.q,
+            args.num_iter,
+            tol=args.tol,
+            force_smaller=args.force_smaller,
+            maxeval=args.maxeval,
+            **common,
+        )
+        delta = args.delta
+        note = (
+            f"target epsilon {args.epsilon:g} (tol {args.tol:g}"
+            f"{', never above' if args.force_smaller else ''}), "
+            f"{num_evals} accountant evaluations"
+        )
+    elif args.command == "epsilon":
+        sigma, delta = args.sigma, args.delta
+        eps = compute_epsilon(sigma, delta, args.q, args.num_iter, **common)
+        note = "epsilon is an upper bound for this delta"
+    else:
+        sigma, eps = args.sigma, args.epsilon
+        delta = compute_delta(sigma, eps, args.q, args.num_iter, **common)
+        note = "delta is an upper bound for this epsilon"
+    return sigma, eps, delta, note
 
 
 if __name__ == "__main__":
