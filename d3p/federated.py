@@ -595,7 +595,7 @@ def make_server_app(
     num_rounds: int,
     num_silos: int,
     *,
-    on_result: Callable[[dict[str, np.ndarray], DPVIFedAvg], None] | None = None,
+    on_result: Callable[[dict[str, np.ndarray], DPVIFedAvg, Context], None] | None = None,
     on_round: Callable[[dict], None] | None = None,
     round_timeout: float = 3600.0,
 ) -> ServerApp:
@@ -611,9 +611,10 @@ def make_server_app(
     num_silos : int
         Number of silos to wait for.
     on_result : callable, optional
-        ``on_result(params, strategy)`` at the end, with the final global unconstrained
-        parameters and the strategy (its :attr:`~DPVIFedAvg.rounds` and
-        :attr:`~DPVIFedAvg.silos` hold the public per-round and per-silo records).
+        ``on_result(params, strategy, context)`` at the end, with the final global
+        unconstrained parameters, the strategy (its :attr:`~DPVIFedAvg.rounds` and
+        :attr:`~DPVIFedAvg.silos` hold the public per-round and per-silo records) and the
+        ServerApp's Flower ``Context`` (e.g. its ``run_config``, to save the result).
     on_round : callable, optional
         Called with each round's record.
     round_timeout : float
@@ -634,7 +635,7 @@ def make_server_app(
         )
         final = _from_record(result.arrays) if len(result.arrays) else dict(initial)
         if on_result is not None:
-            on_result(final, strategy)
+            on_result(final, strategy, context)
 
     return app
 
@@ -805,11 +806,14 @@ def train_federated(
         eps = ", ".join(f"{e:.3g}" for e in record["epsilons"].values())
         bar.set_postfix_str(f"epsilons {eps}")
 
-    def on_result(params: dict, strategy: DPVIFedAvg) -> None:
+    def on_result(params: dict, strategy: DPVIFedAvg, context: Context) -> None:
         box["params"], box["strategy"] = params, strategy
 
     server = make_server_app(initial, num_rounds, k, on_result=on_result, on_round=on_round)
-    cpus = num_cpus or os.cpu_count() or 1
+    if num_cpus is None:  # the CPUs this process may use (not all of a shared machine's)
+        affinity = getattr(os, "sched_getaffinity", None)
+        num_cpus = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+    cpus = _count(num_cpus, "num_cpus")
     with tempfile.TemporaryDirectory(prefix="d3p-federated-") as cache:
         client = make_client_app(
             model,

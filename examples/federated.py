@@ -57,7 +57,7 @@ class Settings(NamedTuple):
 
 
 DEFAULT = Settings((1000, 3000, 6000), 20, 50, 0.02, 2.0, 2e-2)
-SMOKE = Settings((400, 1000, 2000), 4, 25, 0.05, 2.0, 5e-2)
+SMOKE = Settings((400, 1000, 2000), 3, 20, 0.05, 2.0, 5e-2)
 
 
 def model(X: jnp.ndarray, y: jnp.ndarray | None = None, num_obs_total: int | None = None) -> None:

@@ -16,17 +16,16 @@ they are used, from the posterior standard deviation of the weights (about
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import pickle
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 
-import jax
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
@@ -426,3 +425,216 @@ def test_three_silo_simulation_is_close_to_pooled_dpsvi():
     )
     assert abs(fed_ll - pooled_ll) < 0.01, (fed_ll, pooled_ll)
     print(f"3-silo simulation: {seconds:.1f} s, rounds {[r['seconds'] for r in result.history]}")
+
+
+# --------------------------------------------------------------------------------------------
+# Flower's deployment engine: a SuperLink and two SuperNodes as processes on 127.0.0.1
+# --------------------------------------------------------------------------------------------
+
+APP_PYPROJECT = """
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "d3pfedtest"
+version = "1.0.0"
+description = "d3p.federated deployment-engine test"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "d3p"
+
+[tool.flwr.app.components]
+serverapp = "d3pfedtest.server:app"
+clientapp = "d3pfedtest.client:app"
+
+[tool.flwr.app.config]
+out = "{out}"
+"""
+
+APP_COMMON = """
+import numpyro
+import numpyro.distributions as dist
+from numpyro.infer.autoguide import AutoDiagonalNormal
+from numpyro.optim import Adam
+
+
+def model(X, y=None, num_obs_total=None):
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([X.shape[-1]]).to_event(1))
+    with numpyro.plate("data", num_obs_total, subsample_size=X.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(logits=X @ w), obs=y)
+
+
+GUIDE, OPTIM = AutoDiagonalNormal(model), Adam({lr})
+TOTAL, ROUNDS, LOCAL, Q, C, SIGMA = {total}, {rounds}, {local}, {q}, {c}, {sigma}
+"""
+
+APP_CLIENT = """
+import numpy as np
+
+from d3p.federated import SiloPrivacy, make_client_app
+
+from .common import C, GUIDE, LOCAL, OPTIM, Q, SIGMA, TOTAL, model
+
+
+def load(context):  # the silo's own records, from its SuperNode's --node-config
+    with np.load(context.node_config["data-path"]) as f:
+        return f["X"], f["y"]
+
+
+privacy = SiloPrivacy(q=Q, clipping_threshold=C, delta={delta}, noise_multiplier=SIGMA)
+app = make_client_app(
+    model, GUIDE, OPTIM, load, privacy, LOCAL, compilation_cache_dir="{cache}", num_obs_total=TOTAL
+)
+"""
+
+APP_SERVER = """
+import json
+import os
+
+import numpy as np
+
+from d3p.federated import initial_params, make_server_app
+
+from .common import GUIDE, OPTIM, ROUNDS, TOTAL, model
+
+
+def save(params, strategy, context):
+    out = context.run_config["out"]
+    np.savez(out + ".npz", **params)
+    with open(out + ".json.part", "w") as f:
+        json.dump({{"silos": strategy.silos, "rounds": strategy.rounds}}, f)
+    os.replace(out + ".json.part", out + ".json")  # complete when it appears
+
+
+example = np.zeros((1, 3), np.float32), np.zeros(1, np.float32)
+initial = initial_params(model, GUIDE, OPTIM, *example, num_obs_total=TOTAL)
+app = make_server_app(initial, ROUNDS, 2, on_result=save)
+"""
+
+
+def _free_ports(k: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(k)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _flower(entry: str, *args: str) -> list[str]:
+    """A Flower command line run by this Python (entry: 'module:function')."""
+    module, function = entry.split(":")
+    code = f"import sys; from {module} import {function} as f; sys.argv[0] = 'flower'; f()"
+    return [sys.executable, "-c", code, *args]
+
+
+@pytest.mark.slow  # three processes, a ServerApp and a ClientApp process per message: ~2 min
+def test_deployment_engine_superlink_and_two_supernodes(tmp_path):
+    rounds, local, sigma = 2, 5, 1.0
+    sizes = (300, 500)
+    app = tmp_path / "app"
+    (app / "d3pfedtest").mkdir(parents=True)
+    out = tmp_path / "result"
+    settings = dict(lr=LR, total=sum(sizes), rounds=rounds, local=local, q=0.1, c=C, sigma=sigma)
+    (app / "pyproject.toml").write_text(APP_PYPROJECT.format(out=out))
+    (app / "d3pfedtest" / "__init__.py").write_text("")
+    (app / "d3pfedtest" / "common.py").write_text(APP_COMMON.format(**settings))
+    cache = tmp_path / "jax-cache"
+    (app / "d3pfedtest" / "client.py").write_text(APP_CLIENT.format(delta=DELTA, cache=cache))
+    (app / "d3pfedtest" / "server.py").write_text(APP_SERVER)
+    for k, n in enumerate(sizes):
+        X, y = silo_data(30 + k, n, 0.0)
+        np.savez(tmp_path / f"silo{k}.npz", X=X, y=y)
+    link, node0, node1 = _free_ports(3)
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+        f'address = "127.0.0.1:{link}"\ninsecure = true\n'
+    )
+    bindir = os.path.dirname(sys.executable)  # flwr-serverapp and flwr-clientapp live there
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": f"{bindir}:{os.environ['PATH']}"}
+    commands = [
+        _flower(
+            "flwr.superlink.cli:flower_superlink",
+            "--insecure",
+            "--disable-runtime-dependency-installation",  # offline: no uv sync of the app
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(link),
+        )
+    ] + [
+        _flower(
+            "flwr.supernode.cli:flower_supernode",
+            "--insecure",
+            "--superlink",
+            f"127.0.0.1:{link}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--node-config",
+            f'data-path="{tmp_path / f"silo{k}.npz"}" silo={k}',
+        )
+        for k, port in enumerate((node0, node1))
+    ]
+    processes = []
+    logs = []
+    try:
+        for i, command in enumerate(commands):
+            log = open(tmp_path / f"process{i}.log", "w")  # noqa: SIM115 - closed below
+            logs.append(log)
+            processes.append(
+                subprocess.Popen(
+                    command,
+                    env=env,
+                    cwd=tmp_path,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own process group: killed with its children
+                )
+            )
+            if i == 0:
+                time.sleep(5)  # the SuperLink first
+        submit = subprocess.run(
+            _flower("flwr.cli.app:app", "run", str(app), "local"),
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert submit.returncode == 0, submit.stdout + submit.stderr
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "result.json").exists():
+            assert time.monotonic() < deadline, "no result within 300 s; see process*.log"
+            assert all(p.poll() is None for p in processes), "a Flower process ended early"
+            time.sleep(2)
+    finally:
+        for p in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in processes:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=20)
+        for log in logs:
+            log.close()
+
+    record = json.loads((tmp_path / "result.json").read_text())
+    assert len(record["rounds"]) == rounds
+    for k, n in enumerate(sizes):
+        silo = record["silos"][str(k)]
+        assert silo["steps"] == rounds * local and not silo["stopped"]
+        plan = PrivacyPlan.poisson(n, 0.1, C, sigma, rounds * local)
+        assert silo["epsilon"] == plan.epsilon(DELTA)
+    with np.load(tmp_path / "result.npz") as params:
+        assert np.all(np.isfinite(params["auto_loc"]))
