@@ -352,6 +352,7 @@ def _category_model(x, category, y, num_categories=1, num_obs_total=None):
 
 
 def _input_audit(plan, m, **kwargs):
+    from numpyro.infer import init_to_feasible
     from numpyro.infer.autoguide import AutoDiagonalNormal
     from numpyro.optim import Adam
 
@@ -366,7 +367,7 @@ def _input_audit(plan, m, **kwargs):
         m,
         kind="input",
         model=_category_model,
-        guide=AutoDiagonalNormal(_category_model),
+        guide=AutoDiagonalNormal(_category_model, init_loc_fn=init_to_feasible),
         data=data,
         canaries=canaries,
         optim=Adam(0.05),
