@@ -445,7 +445,9 @@ def audit_dpsvi(
         much more likely the trained posterior makes it than the initial one: the
         difference of ``log E_q[p(canary | z)]`` (over ``num_posterior_samples`` draws of
         the guide) after and before training. Requires
-        ``plan.dataset_size == len(data) + m``.
+        ``plan.dataset_size == len(data) + m``. Start the guide at a fixed point (e.g.
+        ``init_loc_fn=numpyro.infer.init_to_feasible``): with Adam a random start moves
+        the excluded canaries' parameters as much as the included ones'.
 
     Parameters
     ----------
