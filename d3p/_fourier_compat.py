@@ -17,13 +17,12 @@ from __future__ import annotations
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 
 from d3p import _validation
+from d3p._pld import NEIGHBORING_RELATION, self_compose
 
 __all__ = ["get_delta_R", "get_delta_S", "get_epsilon_R", "get_epsilon_S"]
 
 
 def _pld(sigma, q, ncomp, nx, L, relation):
-    from d3p import dputil  # imported here: d3p.dputil re-exports this module
-
     sigma = _validation.real(sigma, "sigma", 0, float("inf"))
     q = _validation.real(q, "q", 0, 1, closed_high=True)
     ncomp = _validation.real(ncomp, "ncomp", 1, float("inf"), closed_low=True)
@@ -33,9 +32,9 @@ def _pld(sigma, q, ncomp, nx, L, relation):
         sigma,
         value_discretization_interval=2 * L / nx,
         sampling_prob=q,
-        neighboring_relation=dputil._NEIGHBORING_RELATION[relation],
+        neighboring_relation=NEIGHBORING_RELATION[relation],
     )
-    return dputil._self_compose(step, int(-(-ncomp // 1)))
+    return self_compose(step, int(-(-ncomp // 1)))
 
 
 def get_epsilon_R(

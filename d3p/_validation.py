@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["batch", "choice", "count", "finite_data", "mask", "probability", "real"]
 
@@ -77,6 +78,19 @@ def choice(value: Any, name: str, allowed: Sequence[str]) -> str:
     return value
 
 
+# Row indices are int32 in the samplers and in DPSVI's per-example loop.
+MAX_RECORDS = 2**31 - 1
+
+
+def check_num_records(n: int, name: str) -> None:
+    """Refuse ``n`` records beyond what int32 row indices can address."""
+    if n > MAX_RECORDS:
+        raise ValueError(
+            f"{name} has {n} records; d3p supports at most 2**31 - 1 = {MAX_RECORDS} (int32 "
+            "row indices): split the data or subsample it first"
+        )
+
+
 def batch(args: tuple) -> tuple[tuple, int]:
     """The positional data arguments as arrays (``None`` kept) and their common length.
 
@@ -89,6 +103,15 @@ def batch(args: tuple) -> tuple[tuple, int]:
         if a is None:
             out.append(None)
             continue
+        if np.ndim(a) > 0:  # before any copy: a view of 2**31 rows must not be materialised
+            check_num_records(np.shape(a)[0], "the data")
+        dtype = getattr(a, "dtype", None)  # arrays and tracers; lists go through numpy
+        dtype = np.asarray(a).dtype if dtype is None else np.dtype(dtype)
+        if isinstance(a, str | bytes) or dtype.kind not in "biuf":
+            raise TypeError(
+                f"positional argument {i} (data) must be a numeric or boolean array, got "
+                f"dtype {dtype}; encode categories as integers and text as numbers first"
+            )
         a = jnp.asarray(a)
         if a.ndim == 0:
             raise ValueError(
@@ -102,7 +125,9 @@ def batch(args: tuple) -> tuple[tuple, int]:
         raise ValueError("all positional data arguments are None; there is no batch.")
     if len(set(sizes.values())) > 1:
         raise ValueError(f"batch arrays have different lengths (first axis): {sizes}")
-    return tuple(out), next(iter(sizes.values()))
+    n = next(iter(sizes.values()))
+    check_num_records(n, "the data")
+    return tuple(out), n
 
 
 def finite_data(args: tuple) -> None:
@@ -130,4 +155,9 @@ def mask(value: Any, batch_size: int) -> jax.Array:
     value = jnp.asarray(True if value is None else value)
     if value.shape not in ((), (batch_size,)):
         raise ValueError(f"mask must be a scalar or have shape ({batch_size},), got {value.shape}")
-    return jnp.broadcast_to(value.astype(bool), (batch_size,))
+    if value.dtype != jnp.bool_:
+        raise TypeError(
+            f"mask must be boolean (True for a real row), got dtype {value.dtype}; a number "
+            "such as 0.5 is not a valid row flag (use mask > 0.5 if that is what you mean)"
+        )
+    return jnp.broadcast_to(value, (batch_size,))

@@ -61,7 +61,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from importlib import metadata
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import dp_accounting
 from dp_accounting import NeighboringRelation
@@ -69,6 +69,13 @@ from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from d3p import _validation
+from d3p._fourier_compat import (  # noqa: F401 (d3p 0.2 re-exports fourier-accountant's API)
+    get_delta_R,
+    get_delta_S,
+    get_epsilon_R,
+    get_epsilon_S,
+)
+from d3p._pld import NEIGHBORING_RELATION, self_compose
 
 __all__ = [
     "ACCOUNTANTS",
@@ -77,6 +84,8 @@ __all__ = [
     "approximate_sigma",
     "approximate_sigma_remove_relation",
     "calibrate_sigma",
+    "compose_delta",
+    "compose_epsilon",
     "compute_delta",
     "compute_epsilon",
     "main",
@@ -88,10 +97,6 @@ RELATIONS = ("add_remove", "substitute")
 ACCOUNTANTS = ("pld", "rdp")
 SAMPLINGS = ("poisson", "fixed_size", "truncated_poisson", "full_batch")
 
-_NEIGHBORING_RELATION = {
-    "add_remove": NeighboringRelation.ADD_OR_REMOVE_ONE,
-    "substitute": NeighboringRelation.REPLACE_ONE,
-}
 
 # Relations each (accountant, sampling) pair supports in dp-accounting 0.6.
 _SUPPORTED = {
@@ -108,9 +113,6 @@ _SUPPORTED = {
 _DISCRETIZATION_FRACTION = 0.1
 _MIN_DISCRETIZATION = 3e-6
 _MAX_DISCRETIZATION = 1e-2
-
-# Number of steps composed first when composing a PLD with itself (see _self_compose).
-_FIRST_COMPOSITION = 16
 
 # Largest step of the calibration search in log(sigma) before a bracket is known.
 _MAX_LOG_STEP = math.log(4.0)
@@ -214,8 +216,12 @@ def _step_event(setting: _Setting) -> dp_accounting.DpEvent:
             setting.q, dp_accounting.GaussianDpEvent(setting.sigma)
         )
     if setting.sampling == "truncated_poisson":
+        # dp-accounting's event with dataset_size=n models n - 1 records besides the one
+        # that differs. Under add/remove the larger neighbour of N records has N + 1, and
+        # epsilon grows with n, so account for N + 1 (covers both neighbours).
+        others = 1 if setting.relation == "add_remove" else 0
         return dp_accounting.TruncatedSubsampledGaussianDpEvent(
-            dataset_size=setting.dataset_size,
+            dataset_size=setting.dataset_size + others,
             sampling_probability=setting.q,
             truncated_batch_size=setting.max_batch_size,
             noise_multiplier=setting.sigma,
@@ -317,24 +323,6 @@ def pld_discretization(sigma: float, q: float) -> float:
     return min(max(_DISCRETIZATION_FRACTION * loss_scale, _MIN_DISCRETIZATION), _MAX_DISCRETIZATION)
 
 
-def _self_compose(pld: pld_lib.PrivacyLossDistribution, n: int) -> pld_lib.PrivacyLossDistribution:
-    """Compose ``pld`` with itself ``n`` times.
-
-    ``dp-accounting`` 0.6 estimates the size of an ``n``-fold composition of a small
-    (sparse) PLD as ``size ** n``, a Python big integer that costs seconds for
-    ``n = 10**6``. Composing a block of 16 steps first (always dense afterwards) and
-    then that block ``n // 16`` times gives the same distribution (up to the
-    ``1e-15`` pessimistic tail truncation of each FFT stage) without that cost.
-    """
-    if n <= _FIRST_COMPOSITION:
-        return pld.self_compose(n)
-    blocks, rest = divmod(n, _FIRST_COMPOSITION)
-    composed = pld.self_compose(_FIRST_COMPOSITION).self_compose(blocks)
-    if rest:
-        composed = composed.compose(pld.self_compose(rest))
-    return composed
-
-
 def _step_pld(
     event: dp_accounting.DpEvent, relation: NeighboringRelation, interval: float
 ) -> pld_lib.PrivacyLossDistribution:
@@ -369,31 +357,152 @@ def _step_pld(
 
 # A composed PLD of 10^6 steps takes some MB; 8 entries cover one calibration's candidates.
 @functools.lru_cache(maxsize=8)
-def _composed_pld(setting: _Setting) -> pld_lib.PrivacyLossDistribution:
-    """The pessimistic PLD of a whole training run (cached: PLDs serve any delta/epsilon)."""
-    interval = pld_discretization(setting.sigma, setting.q)
-    relation = _NEIGHBORING_RELATION[setting.relation]
+def _composed_pld(
+    setting: _Setting, interval: float | None = None
+) -> pld_lib.PrivacyLossDistribution:
+    """The pessimistic PLD of a whole training run (cached: PLDs serve any delta/epsilon).
+
+    ``interval`` defaults to :func:`pld_discretization` of the run.
+    """
+    if interval is None:
+        interval = pld_discretization(setting.sigma, setting.q)
+    relation = NEIGHBORING_RELATION[setting.relation]
     event = _step_event(setting)
     if isinstance(event, dp_accounting.GaussianDpEvent):
         # T Gaussian steps compose exactly to one with noise multiplier sigma / sqrt(T)
         # (as dp-accounting's PLDAccountant does), with no discretisation error per step
         event = dp_accounting.GaussianDpEvent(event.noise_multiplier / math.sqrt(setting.num_iter))
         return _step_pld(event, relation, interval)
-    return _self_compose(_step_pld(event, relation, interval), setting.num_iter)
+    return self_compose(_step_pld(event, relation, interval), setting.num_iter)
 
 
-def _rdp_accountant(setting: _Setting) -> rdp_privacy_accountant.RdpAccountant:
-    accountant = rdp_privacy_accountant.RdpAccountant(
-        neighboring_relation=_NEIGHBORING_RELATION[setting.relation]
-    )
-    accountant.compose(dp_accounting.SelfComposedDpEvent(_step_event(setting), setting.num_iter))
-    return accountant
+# Below this noise multiplier every accountant is replaced by the Gaussian bound of
+# _gaussian_mu: the PLD grid grows as 1 / sigma**2 (sigma = 0.03 takes seconds, 1e-3 hours)
+# and 1 / sigma**2 overflows for sigma < 1e-154; such runs spend epsilon > 100 anyway.
+_MIN_ACCOUNTED_SIGMA = 0.05
+
+
+def _gaussian_mu(settings: Sequence[_Setting]) -> float:
+    """mu of a Gaussian mechanism that dominates every step of ``settings`` composed.
+
+    Whatever the sampling and relation, one step changes the clipped sum by at most
+    ``2 C`` (a truncated batch can swap the added record for another); sampling only adds
+    privacy. So T steps of noise multiplier sigma are at most as private as one Gaussian
+    mechanism with ``mu = 2 sqrt(sum T / sigma**2)`` (Dong, Roth and Su 2019, Corollary
+    3.3: mu-GDP composes as the root sum of squares).
+    """
+    # sqrt(T) / sigma per run (inf for a sigma so small that it overflows), then the norm
+    terms = [math.sqrt(s.num_iter) / s.sigma if s.sigma > 1e-300 else math.inf for s in settings]
+    return 2.0 * math.hypot(*terms)
+
+
+def _gaussian_epsilon(mu: float, delta: float) -> float:
+    """Epsilon of mu-GDP at ``delta`` (inf where it overflows)."""
+    if not math.isfinite(mu * mu):
+        return math.inf
+    high = mu * mu / 2 + mu * 40  # delta(high) < 1e-300 for any mu
+    if _gdp_delta(mu, high) > delta:
+        return math.inf
+    return _bisect_increasing(lambda e: -_gdp_delta(mu, e), -delta, 1e-12, high, steps=200)
+
+
+def _below_accounted_sigma(settings: Sequence[_Setting]) -> bool:
+    return any(s.sigma < _MIN_ACCOUNTED_SIGMA for s in settings)
 
 
 def _epsilon(setting: _Setting, delta: float) -> float:
+    if _below_accounted_sigma([setting]):
+        return _gaussian_epsilon(_gaussian_mu([setting]), delta)
     if setting.accountant == "pld":
         return float(_composed_pld(setting).get_epsilon_for_delta(delta))
-    return float(_rdp_accountant(setting).get_epsilon(delta))
+    return float(_composed([setting]).get_epsilon(delta))
+
+
+def _composed(settings: Sequence[_Setting]) -> Any:
+    """A PLD (``accountant="pld"``) or RDP accountant of all ``settings`` composed."""
+    if settings[0].accountant == "pld":
+        if len(settings) == 1:
+            return _composed_pld(settings[0])
+        # the coarsest interval of the runs: at least as pessimistic as each run alone, so
+        # adding steps never lowers the reported epsilon
+        interval = max(pld_discretization(s.sigma, s.q) for s in settings)
+        plds = [_composed_pld(s, interval) for s in settings]
+        return functools.reduce(lambda a, b: a.compose(b), plds)
+    accountant = rdp_privacy_accountant.RdpAccountant(
+        neighboring_relation=NEIGHBORING_RELATION[settings[0].relation]
+    )
+    for s in settings:
+        accountant.compose(dp_accounting.SelfComposedDpEvent(_step_event(s), s.num_iter))
+    return accountant
+
+
+def _check_composable(runs: Sequence[dict], accountant: str) -> list[_Setting]:
+    if not runs:
+        raise ValueError("runs must hold at least one run to compose")
+    settings = [
+        _check_setting(
+            r["sigma"],
+            r["q"],
+            r["num_iter"],
+            r.get("relation", "add_remove"),
+            accountant,
+            r.get("sampling", "poisson"),
+            r.get("dataset_size"),
+            r.get("max_batch_size"),
+        )
+        for r in runs
+    ]
+    relations = {s.relation for s in settings}
+    if len(relations) > 1:
+        raise ValueError(
+            f"runs accounted under different relations ({sorted(relations)}) cannot be "
+            "composed; account them all under one relation"
+        )
+    return settings
+
+
+def compose_epsilon(runs: Sequence[dict], delta: float, accountant: str = "pld") -> float:
+    """Epsilon at ``delta`` of several training runs on the same data, one after another.
+
+    Parameters
+    ----------
+    runs : sequence of dict
+        Each run as the keyword arguments of :func:`compute_epsilon`: ``sigma``, ``q``,
+        ``num_iter`` and optionally ``relation`` (the same for all), ``sampling``,
+        ``dataset_size``, ``max_batch_size``.
+    delta : float
+        Target delta in (0, 1).
+    accountant : str
+        ``"pld"`` (composed on the coarsest discretisation of the runs) or ``"rdp"``.
+
+    Returns
+    -------
+    float
+        An upper bound on the epsilon of all runs together; ``inf`` if delta cannot be
+        reached.
+    """
+    delta = _validation.real(delta, "delta", 0, 1)
+    settings = _check_composable(runs, accountant)
+    if len(settings) == 1:
+        return _epsilon(settings[0], delta)
+    if _below_accounted_sigma(settings):
+        return _gaussian_epsilon(_gaussian_mu(settings), delta)
+    composed = _composed(settings)
+    if accountant == "pld":
+        return float(composed.get_epsilon_for_delta(delta))
+    return float(composed.get_epsilon(delta))
+
+
+def compose_delta(runs: Sequence[dict], epsilon: float, accountant: str = "pld") -> float:
+    """Delta at ``epsilon`` of several runs composed (see :func:`compose_epsilon`)."""
+    epsilon = _validation.real(epsilon, "epsilon", 0, math.inf, closed_low=True)
+    settings = _check_composable(runs, accountant)
+    if _below_accounted_sigma(settings):
+        return _gdp_delta(_gaussian_mu(settings), epsilon)
+    composed = _composed(settings)
+    if accountant == "pld":
+        return float(composed.get_delta_for_epsilon(epsilon))
+    return float(composed.get_delta(epsilon))
 
 
 def compute_epsilon(
@@ -474,9 +583,7 @@ def compute_delta(
     setting = _check_setting(
         sigma, q, num_iter, relation, accountant, sampling, dataset_size, max_batch_size
     )
-    if setting.accountant == "pld":
-        return float(_composed_pld(setting).get_delta_for_epsilon(epsilon))
-    return float(_rdp_accountant(setting).get_delta(epsilon))
+    return compose_delta([setting._asdict()], epsilon, setting.accountant)
 
 
 # ---------------------------------------------------------------------------
@@ -865,6 +972,3 @@ def _cli_compute(args: argparse.Namespace, common: dict) -> tuple[float, float, 
 
 if __name__ == "__main__":
     main()
-
-
-from d3p._fourier_compat import get_delta_R, get_delta_S, get_epsilon_R, get_epsilon_S  # noqa: E402, F401

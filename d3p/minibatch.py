@@ -116,6 +116,9 @@ def _check_dataset(dataset: Any) -> tuple[Dataset, int]:
         raise ValueError(
             f"dataset must be a non-empty tuple of arrays, got {type(dataset).__name__}"
         )
+    for x in dataset:  # before any copy: a view of 2**31 rows must not be materialised
+        if np.ndim(x) > 0:
+            _validation.check_num_records(np.shape(x)[0], "dataset")
     arrays = tuple(jnp.asarray(x) for x in dataset)
     if any(x.ndim == 0 for x in arrays):
         raise ValueError("dataset arrays must have at least one dimension (the records)")
@@ -320,13 +323,19 @@ def _check_max_batch_size(max_batch_size: Any, n: int, q: float) -> int:
                 f"(0, 1), got {max_batch_size}"
             )
         return _binomial_quantile(n, q, p)
-    return _check_count(max_batch_size, "max_batch_size", 1)
+    size = _check_count(max_batch_size, "max_batch_size", 1)
+    if size > n:
+        raise ValueError(
+            f"max_batch_size must be in [1, {n}] (the number of records; {n} means batches "
+            f"are never truncated), got {max_batch_size}"
+        )
+    return size
 
 
 def structural_batch_size(N: int, q: float, max_batch_size: int | float) -> int:
     """Rows per batch of :func:`poisson_batchify_data` for ``N`` records and rate ``q``.
 
-    ``max_batch_size`` is an int >= 1 (returned as is) or a quantile level in (0, 1) of
+    ``max_batch_size`` is an int in [1, N] (returned as is) or a quantile level in (0, 1) of
     the Binomial(N, q) batch size. This is the ``max_batch_size`` that privacy accounting
     of truncated Poisson sampling needs (``sampling="truncated_poisson"`` in
     :func:`d3p.dputil.compute_epsilon`).

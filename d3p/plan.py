@@ -56,8 +56,64 @@ def _check_steps_left(covered: int, done: int, more: int) -> None:
         )
 
 
+class _Ledger:
+    """The steps a plan or budget has governed on its data set, by training chain.
+
+    A chain is the sequence of states that starts at one fresh state (its history's chain
+    id) and is continued by ``run(init_state=...)``. All chains of one plan or budget
+    run on the same data set, so their steps add up: :meth:`charge` refuses, before any
+    work, a run that would take the total past :attr:`num_steps`, and :meth:`settle`
+    records what a chain has taken. The record is kept with the object (and pickled with
+    it); for more steps, make a new plan or budget.
+    """
+
+    num_steps: int
+    _chains: dict
+
+    @property
+    def steps_spent(self) -> int:
+        """Steps taken under this object by all chains so far (its runs on the data)."""
+        return sum(self._chains.values())
+
+    def charge(self, history: Any, step: PrivacyPlan, more: int) -> None:
+        """Refuse ``more`` steps of ``step`` after ``history`` (a chain's PrivacyHistory)
+        if the steps would exceed what this plan or budget covers, or if the chain holds
+        steps of another mechanism (they are not part of it)."""
+        kind = type(self).__name__
+        foreign = [(m, n) for m, n in history.segments() if m != step]
+        if foreign:
+            raise ValueError(
+                f"the state's history holds {sum(n for _, n in foreign)} steps with other "
+                f"privacy parameters than this {kind} ({foreign[0][0]}); a {kind} covers only "
+                "its own steps: continue that state with a DPSVI without a plan (the run "
+                "then reports the composition), or start from a fresh state"
+            )
+        chain = _chain_id(history)
+        others = sum(n for c, n in self._chains.items() if c != chain)
+        done = others + history.num_steps
+        if done + more > self.num_steps:
+            raise ValueError(
+                f"this {kind} covers {self.num_steps} steps on its data set; its runs have "
+                f"taken {done} (this state {history.num_steps}, other runs {others}), so at "
+                f"most {max(self.num_steps - done, 0)} more, got num_steps={more} (the "
+                f"budget would be exceeded; for more, make a new {kind} on purpose)"
+            )
+
+    def settle(self, history: Any) -> None:
+        """Record the steps of ``history``'s chain (after a run)."""
+        self._chains[_chain_id(history)] = history.num_steps
+
+
+def _chain_id(history: Any) -> bytes:
+    return bytes(memoryview(jnp.asarray(history.chain).__array__()))
+
+
+def _ledger() -> Any:
+    return dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+
 @dataclasses.dataclass(frozen=True)
-class PrivacyPlan:
+class PrivacyPlan(_Ledger):
     """Everything the differential-privacy guarantee of a DP-VI run depends on.
 
     Each step releases ``sum of clipped per-example gradients + N(0, (sigma C)^2)``,
@@ -108,10 +164,12 @@ class PrivacyPlan:
     batch_size: int | None = None
     relation: str = "add_remove"
     normaliser: float | None = None
+    _chains: dict = _ledger()
 
     def __post_init__(self) -> None:
         sampling = _validation.choice(self.sampling, "sampling", SAMPLINGS)
         n = _validation.count(self.dataset_size, "dataset_size")
+        _validation.check_num_records(n, "dataset_size")
         fields = {
             "dataset_size": n,
             **_mechanism(self.clipping_threshold, self.noise_multiplier, no_noise=True),
@@ -174,9 +232,12 @@ class PrivacyPlan:
 
     # ---------------------------------------------------------------- accounting
 
-    def _accounting(self) -> dict:
-        """The run as :mod:`d3p.dputil` describes it (the one source of the DpEvent)."""
-        run = dict(q=self.q, num_iter=self.num_steps, relation=self.relation)
+    def accounting(self) -> dict:
+        """The run as keyword arguments of :func:`d3p.dputil.compute_epsilon` (``sigma``
+        included): the one source of the DpEvent, epsilon and delta."""
+        run = dict(
+            sigma=self.noise_multiplier, q=self.q, num_iter=self.num_steps, relation=self.relation
+        )
         if self.sampling == "fixed_size":
             return {**run, "sampling": "fixed_size", "dataset_size": self.dataset_size}
         if self.sampling == "poisson" and self.batch_size < self.dataset_size:
@@ -196,7 +257,7 @@ class PrivacyPlan:
         """
         if self.noise_multiplier == 0:
             return dp_accounting.NonPrivateDpEvent()
-        return dputil.training_dp_event(self.noise_multiplier, **self._accounting())
+        return dputil.training_dp_event(**self.accounting())
 
     @property
     def accountant(self) -> str:
@@ -213,11 +274,9 @@ class PrivacyPlan:
         delta = _validation.real(delta, "delta", 0, 1)
         if self.noise_multiplier == 0:
             return math.inf
+        run = self.accounting()
         return dputil.compute_epsilon(
-            self.noise_multiplier,
-            delta,
-            accountant=accountant or self.accountant,
-            **self._accounting(),
+            run.pop("sigma"), delta, accountant=accountant or self.accountant, **run
         )
 
     def delta(self, epsilon: float, accountant: str | None = None) -> float:
@@ -225,11 +284,9 @@ class PrivacyPlan:
         epsilon = _validation.real(epsilon, "epsilon", 0, math.inf, closed_low=True)
         if self.noise_multiplier == 0:
             return 1.0
+        run = self.accounting()
         return dputil.compute_delta(
-            self.noise_multiplier,
-            epsilon,
-            accountant=accountant or self.accountant,
-            **self._accounting(),
+            run.pop("sigma"), epsilon, accountant=accountant or self.accountant, **run
         )
 
     def with_steps(self, num_steps: int) -> PrivacyPlan:
@@ -302,7 +359,8 @@ class PrivacyPlan:
         if "noise_multiplier" in fields:
             raise TypeError("calibrate chooses noise_multiplier; do not pass it")
         plan = cls(noise_multiplier=1.0, **fields)
-        run = plan._accounting()
+        run = plan.accounting()
+        del run["sigma"]
         sigma, _, _ = dputil.calibrate_sigma(
             target_epsilon,
             target_delta,
@@ -343,7 +401,7 @@ def _batches(sampling: str, n: int, q: Any, batch_size: Any) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class PrivacyBudget:
+class PrivacyBudget(_Ledger):
     """A privacy budget for Poisson-sampled training, before the data set is known.
 
     The noise multiplier is calibrated (see :meth:`calibrate`) so that ``num_steps``
@@ -375,6 +433,7 @@ class PrivacyBudget:
     num_steps: int
     clipping_threshold: float
     noise_multiplier: float
+    _chains: dict = _ledger()
 
     def __post_init__(self) -> None:
         fields = {

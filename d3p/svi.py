@@ -10,7 +10,7 @@ deviation ``dp_scale * C`` is added before the optimiser sees the gradient.
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 import math
 import warnings
 from collections.abc import Callable
@@ -18,25 +18,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import tqdm
-from jax.flatten_util import ravel_pytree
 from numpyro.infer import SVI, Trace_ELBO
 
 import d3p.random
-from d3p import _clipping, _sharding, _validation, dputil
-from d3p._clipping import (
-    GlobalSample,
-    add_examples_axis,
-    linearised_global_sample,
-)
-from d3p._elbo_split import (
-    SiteLayout,
-    classify_sites,
-    elbo_terms,
-    global_part,
-    zero_examples,
-)
+from d3p import _mechanism, _sharding, _training, _validation, minibatch
+from d3p.history import PrivacyHistory, UnplannedStep, plans_delta, plans_epsilon, with_history
 from d3p.plan import PrivacyBudget, PrivacyPlan
 
 __all__ = [
@@ -47,33 +33,6 @@ __all__ = [
     "full_norm",
     "normalize_gradient",
 ]
-
-# Data passed to ``rng_suite.fold_in`` to derive the initialisation key from the key given to
-# ``DPSVI.init``. Steps derive their keys with ``rng_suite.split(key, 3)``; this constant is far
-# from any split index, so initialisation randomness never coincides with noise randomness.
-_INIT_STREAM = 0x7FFFFFFF
-
-
-def _is_array_tree(value: Any) -> bool:
-    """True if ``value`` is a pytree with at least one leaf, all of them arrays."""
-    leaves = jax.tree.leaves(value)
-    return bool(leaves) and all(isinstance(x, jax.Array | np.ndarray) for x in leaves)
-
-
-def _abstract(tree: Any) -> Any:
-    """``tree`` with its array leaves (tracers too) replaced by their shapes and dtypes."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype) if hasattr(x, "dtype") else x, tree
-    )
-
-
-def _shape_key(tree: Any) -> tuple:
-    """Hashable key of a pytree: structure, array leaves by shape and dtype, others by value."""
-    leaves, treedef = jax.tree.flatten(_abstract(tree))
-    return treedef, tuple(
-        (x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x for x in leaves
-    )
-
 
 # --------------------------------------------------------------------------------------------
 # Gradient helpers
@@ -151,7 +110,11 @@ class DPSVIState(NamedTuple):
     optim_state
         The optimiser state, holding the unconstrained variational parameters.
     rng_key
-        The ``rng_suite`` key of the next step (the key given to ``init`` at first).
+        The ``rng_suite`` key of the next step. Every step draws its batch (in
+        :meth:`DPSVI.run`), its model randomness and its noise from it and replaces it
+        by a fresh key (:func:`d3p.random.rekey`), so this key cannot recompute any
+        earlier step. It is secret while training may continue: whoever holds it can
+        recompute the noise of the coming steps. Publish the parameters, not the state.
     observation_scale
         Factor the normalised, privatised data gradient is multiplied by: the plate scale of
         one example (the data-set size) when ``clip_unscaled_observations=True``, else 1.
@@ -163,8 +126,13 @@ class DPSVIState(NamedTuple):
         differentially private: do not publish it (nor the losses).
     num_steps
         Number of private steps (:meth:`DPSVI.update` calls) taken since ``init``. It
-        depends on nothing but the number of calls (no privacy cost); :meth:`DPSVI.run`
-        and :meth:`DPSVI.get_epsilon` account for all of them.
+        depends on nothing but the number of calls (no privacy cost).
+    history
+        The :class:`~d3p.history.PrivacyHistory` of all steps taken since ``init``: the
+        mechanism (sampling, clipping bound, noise, normaliser) of each run of steps.
+        :meth:`DPSVI.run` and :meth:`DPSVI.get_epsilon` compose it with the new steps,
+        whatever their parameters. ``None`` for a state built the d3p 0.2 way, whose
+        earlier steps are unknown (accepted with a warning).
     """
 
     optim_state: Any
@@ -172,6 +140,7 @@ class DPSVIState(NamedTuple):
     observation_scale: Any
     num_nonfinite_grads: Any = 0
     num_steps: Any = 0
+    history: PrivacyHistory | None = None
 
 
 class DPSVIRunResult(NamedTuple):
@@ -415,8 +384,8 @@ class DPSVI:
         Parameters
         ----------
         rng_key
-            An ``rng_suite`` key. It is stored in the state as given; initialisation uses an
-            independent key derived from it.
+            An ``rng_suite`` key. It is split into the key of the initialisation and the
+            seed of the state's first key (rekeyed, see :attr:`DPSVIState.rng_key`).
         *args
             A batch of the data arguments (used for shapes and for the guide's
             initialisation; use public or dummy data if that initialisation must not see
@@ -429,33 +398,48 @@ class DPSVI:
         Returns
         -------
         DPSVIState
+            With an empty :class:`~d3p.history.PrivacyHistory` that will record this
+            DPSVI's steps.
         """
         self._check_components()
         args, _ = _validation.batch(args)
-        init_key = self.rng_suite.convert_to_jax_rng_key(
-            self.rng_suite.fold_in(rng_key, _INIT_STREAM)
-        )
-        svi_state = self._svi.init(init_key, *args, init_params=init_params, **kwargs)
+        init_key, state_key = _mechanism.init_keys(self.rng_suite, rng_key)
+        try:
+            svi_state = self._svi.init(init_key, *args, init_params=init_params, **kwargs)
+        except TypeError as error:
+            raise self._missing_plate_size(kwargs) or error from error
         if svi_state.mutable_state is not None:
             raise ValueError(
                 "DPSVI does not support models with mutable state (numpyro.mutable sites): "
                 "the state would be updated from private data without noise."
             )
         params = self.optim.get_params(svi_state.optim_state)
-        layout = self._site_layout(params, args, kwargs)
+        layout = _mechanism.site_layout(self, params, args, kwargs)
         scale = layout.observation_scale if self.clip_unscaled_observations else 1.0
-        dtype = jnp.result_type(float)
+        history = PrivacyHistory.start().record(self._update_mechanism(), 0)
         return DPSVIState(
             svi_state.optim_state,
-            rng_key,
-            jnp.asarray(scale, dtype),
+            state_key,
+            jnp.asarray(scale, jnp.result_type(float)),
             jnp.zeros((), jnp.int32),
             jnp.zeros((), jnp.int32),
+            history,
         )
 
     def get_params(self, svi_state: DPSVIState) -> dict:
         """Constrained parameter values of ``svi_state`` (works inside ``jit``)."""
         return self._svi.constrain_fn(self.optim.get_params(svi_state.optim_state))
+
+    def batch_key(self, svi_state: DPSVIState) -> Any:
+        """The ``rng_suite`` key to draw the batch of ``svi_state``'s next step from.
+
+        In a hand loop, draw each batch with it, e.g. ``get_batch(0, dpsvi.batch_key(state))``
+        for the samplers of :mod:`d3p.minibatch` and :meth:`d3p.plan.PrivacyPlan.batcher`
+        (their ``init`` returns the key itself as the sampler state), as :meth:`run`
+        does. Every step's key is fresh, so batches never repeat by construction and a
+        released later state cannot recompute them.
+        """
+        return _mechanism.batch_key(self.rng_suite, svi_state)
 
     def update(
         self, svi_state: DPSVIState, *args: Any, mask: Any = True, **kwargs: Any
@@ -471,23 +455,28 @@ class DPSVI:
         mask : bool or bool array of shape (batch,), or None
             Which rows are real examples; padded rows (False) contribute exactly nothing.
             An all-False mask gives a pure-noise step. ``None`` (d3p 0.2's default) is
-            ``True``.
+            ``True``. Must be boolean.
         **kwargs
             Keyword arguments of model and guide (public, not per-example).
 
         Returns
         -------
         svi_state : DPSVIState
-            The new state.
+            The new state; its history records the step (the plan's, with a plan; else an
+            :class:`~d3p.history.UnplannedStep`, whose sampling :meth:`get_epsilon` asks for).
         loss : jax.Array
             The negative ELBO estimate on the batch's valid rows, normalised like the
             gradient. It is NOT differentially private: do not publish it.
         """
+        svi_state = with_history(svi_state)
         args, batch_size = _validation.batch(args)
         _sharding.check_divisible(batch_size, _sharding.context_shards())
         mask_array = _validation.mask(mask, batch_size)
         normaliser = self._normaliser(batch_size, masked=mask is not None and jnp.ndim(mask) > 0)
-        return self._call_compiled(self._update, svi_state, args, kwargs, mask_array, normaliser)
+        step = self._update_mechanism()
+        return self._call_compiled(
+            "update", _mechanism.update, svi_state, args, kwargs, mask_array, normaliser, step
+        )
 
     def evaluate(
         self, svi_state: DPSVIState, *args: Any, mask: Any = True, **kwargs: Any
@@ -500,7 +489,9 @@ class DPSVI:
         args, batch_size = _validation.batch(args)
         mask_array = _validation.mask(mask, batch_size)
         normaliser = self._normaliser(batch_size, masked=mask is not None and jnp.ndim(mask) > 0)
-        return self._call_compiled(self._evaluate, svi_state, args, kwargs, mask_array, normaliser)
+        return self._call_compiled(
+            "evaluate", _mechanism.evaluate, svi_state, args, kwargs, mask_array, normaliser
+        )
 
     def get_epsilon(
         self,
@@ -513,30 +504,26 @@ class DPSVI:
         max_batch_size: int | float | None = None,
         state: DPSVIState | None = None,
     ) -> float:
-        """Privacy spent: epsilon at ``target_delta`` after training with Poisson rate ``q``.
+        """Privacy spent: epsilon at ``target_delta`` of a state's steps, or of a planned run.
 
-        Add/remove-one relation, PLD accountant (:func:`d3p.dputil.compute_epsilon`); with
-        a plan, the plan's accounting. Give exactly one of ``num_epochs`` (then
-        ``num_iter = num_epochs / q``, rounded up), ``num_iter`` (number of :meth:`update`
-        steps) and ``state`` (the steps it has taken, :attr:`DPSVIState.num_steps`).
-        ``q`` defaults to the rate of the plan or budget. ``inf`` when ``dp_scale == 0``.
+        Give exactly one of ``state`` (all steps it has taken, as its history records
+        them, whatever their parameters), ``num_iter`` (steps) and ``num_epochs``
+        (``num_epochs / q`` steps, rounded up). ``inf`` when the noise is 0.
 
-        Batches from :func:`d3p.minibatch.poisson_batchify_data` are truncated at
-        ``max_batch_size`` rows by default, which costs privacy: pass the same
-        ``max_batch_size`` (int, or quantile level in (0, 1)) and ``dataset_size`` (the
-        number of records N) to account for it. Without them the result is the epsilon of
-        untruncated Poisson sampling, which understates the cost of truncated batches.
-        With a budget (:meth:`make_private_with_epsilon`), ``dataset_size`` alone gives the
-        accounting of the batches :meth:`run` draws (:meth:`d3p.plan.PrivacyBudget.plan`).
+        How the batches were drawn must be known, never guessed: steps of :meth:`run`,
+        and of :meth:`update` with a plan, carry their plan in the state's history. For
+        other steps (a hand loop without a plan, or ``num_iter``/``num_epochs``) give
+        ``q`` and ``dataset_size`` (N) and ``max_batch_size`` of the sampler that drew
+        them (:func:`d3p.minibatch.poisson_batchify_data` truncates at it; an int, or a
+        quantile level in (0, 1); ``dataset_size`` for no truncation). With a plan or a
+        budget they default to its own, and values that contradict it are refused. For the
+        epsilon of untruncated Poisson sampling without a data set, use
+        :func:`d3p.dputil.compute_epsilon`.
         """
-        run = self._accounted(q, num_epochs, num_iter, dataset_size, max_batch_size, state)
-        if run is None:
-            return 0.0
-        if isinstance(run, PrivacyPlan):
-            return run.epsilon(target_delta)
-        if self.dp_scale == 0:
-            return math.inf
-        return dputil.compute_epsilon(self.dp_scale, target_delta, **run)
+        return plans_epsilon(
+            self._accounted_plans(q, num_epochs, num_iter, dataset_size, max_batch_size, state),
+            target_delta,
+        )
 
     def get_delta(
         self,
@@ -550,16 +537,12 @@ class DPSVI:
         state: DPSVIState | None = None,
     ) -> float:
         """Privacy spent: delta at ``target_epsilon`` (see :meth:`get_epsilon`); 1 if no noise."""
-        run = self._accounted(q, num_epochs, num_iter, dataset_size, max_batch_size, state)
-        if run is None:
-            return 0.0
-        if isinstance(run, PrivacyPlan):
-            return run.delta(target_epsilon)
-        if self.dp_scale == 0:
-            return 1.0
-        return dputil.compute_delta(self.dp_scale, target_epsilon, **run)
+        return plans_delta(
+            self._accounted_plans(q, num_epochs, num_iter, dataset_size, max_batch_size, state),
+            target_epsilon,
+        )
 
-    def _accounted(
+    def _accounted_plans(
         self,
         q: Any,
         num_epochs: Any,
@@ -567,46 +550,84 @@ class DPSVI:
         dataset_size: Any,
         max_batch_size: Any,
         state: DPSVIState | None,
-    ) -> PrivacyPlan | dict | None:
-        """The steps :meth:`get_epsilon` accounts: a plan, or, for untruncated Poisson
-        sampling of an unknown number of records, :mod:`d3p.dputil`'s keywords; None if no
-        step was taken."""
-        if state is not None:
-            if num_epochs is not None or num_iter is not None:
-                raise ValueError("give exactly one of num_epochs, num_iter and state")
-            num_iter = int(state.num_steps)
-            if num_iter == 0:
-                return None
+    ) -> list[PrivacyPlan]:
+        """The plans :meth:`get_epsilon` composes (empty if no step was taken)."""
         covered = self.plan or self.budget
-        q = covered.q if q is None and covered is not None else q
-        if q is None:
-            raise ValueError("give the Poisson sampling rate q, in (0, 1]")
-        num_steps = _num_iter(q, num_epochs, num_iter)
-        if self.plan is not None:
-            if q != self.plan.q or dataset_size is not None or max_batch_size is not None:
+        if covered is not None:
+            self._check_governed()
+            if q is not None and q != covered.q:
                 raise ValueError(
-                    "this DPSVI's plan sets q, dataset_size and the batch size; give only the "
-                    f"number of steps (plan: {self.plan})"
+                    f"this DPSVI's privacy plan or budget has q={covered.q}, got q={q}"
                 )
-            return self.plan.with_steps(math.ceil(num_steps))
-        if self.budget is not None and dataset_size is not None and max_batch_size is None:
-            return self.budget.plan(dataset_size, math.ceil(num_steps))  # what run draws
-        if (dataset_size is None) != (max_batch_size is None):
-            raise ValueError(
-                "give both dataset_size and max_batch_size (truncated Poisson batches) or "
-                f"neither (untruncated); got dataset_size={dataset_size!r}, "
-                f"max_batch_size={max_batch_size!r}"
+            q = covered.q
+        if self.plan is not None:
+            if dataset_size not in (None, self.plan.dataset_size) or max_batch_size is not None:
+                raise ValueError(
+                    "this DPSVI's plan sets the data-set size and the batch size: give "
+                    f"neither (plan: {self.plan})"
+                )
+        if self.dp_scale == 0:
+            _warn_not_private()
+
+        def sampled(step: UnplannedStep | None, n: int) -> PrivacyPlan:
+            c, sigma = (
+                (self.clipping_threshold, self.dp_scale)
+                if step is None
+                else (step.clipping_threshold, step.noise_multiplier)
             )
-        if dataset_size is None:
-            return {"q": q, "num_iter": num_steps}
-        return PrivacyPlan.poisson(
-            dataset_size,
-            q,
-            self.clipping_threshold,
-            self.dp_scale,
-            math.ceil(num_steps),
-            max_batch_size=max_batch_size,
-        )
+            if self.plan is not None:
+                return (
+                    PrivacyPlan.poisson(
+                        self.plan.dataset_size, q, c, sigma, n, max_batch_size=self.plan.batch_size
+                    )
+                    if self.plan.sampling == "poisson"
+                    else self.plan.with_steps(n)
+                )
+            size = max_batch_size
+            if self.budget is not None and dataset_size is not None and size is None:
+                size = self.budget.plan(dataset_size).batch_size  # what run draws
+            if q is None or dataset_size is None or size is None:
+                raise ValueError(
+                    "how the batches were drawn is unknown: give q, dataset_size and "
+                    "max_batch_size of the sampler that drew them (max_batch_size="
+                    "dataset_size if batches were never truncated); got "
+                    f"q={q!r}, dataset_size={dataset_size!r}, max_batch_size={max_batch_size!r}"
+                )
+            return PrivacyPlan.poisson(dataset_size, q, c, sigma, n, max_batch_size=size)
+
+        if state is None:
+            if (num_epochs is None) == (num_iter is None):
+                raise ValueError("give exactly one of num_epochs, num_iter and state")
+            if num_epochs is not None:
+                if q is None:
+                    raise ValueError("num_epochs needs the sampling rate q, in (0, 1]")
+                num_iter = _validation.real(num_epochs, "num_epochs", 0.0) / q
+            steps = math.ceil(_validation.real(num_iter, "num_iter", 0.0))
+            return [sampled(None, steps)]
+        if num_epochs is not None or num_iter is not None:
+            raise ValueError("give exactly one of num_epochs, num_iter and state")
+        if state.history is None:
+            steps = int(state.num_steps)
+            with_history(state)  # warns
+            return [sampled(None, steps)] if steps else []
+        plans = state.history.plans(sampled)
+        for plan in plans:
+            if plan.sampling == "poisson" and (
+                (q is not None and plan.q != q)
+                or (dataset_size is not None and plan.dataset_size != dataset_size)
+                or (
+                    max_batch_size is not None
+                    and plan.batch_size
+                    != minibatch.structural_batch_size(plan.dataset_size, plan.q, max_batch_size)
+                )
+            ):
+                raise ValueError(
+                    f"the state's steps were taken with q={plan.q}, dataset_size="
+                    f"{plan.dataset_size}, batch size {plan.batch_size} (its history records "
+                    f"them); got q={q!r}, dataset_size={dataset_size!r}, "
+                    f"max_batch_size={max_batch_size!r}"
+                )
+        return plans
 
     @classmethod
     def make_private_with_epsilon(
@@ -633,8 +654,8 @@ class DPSVI:
         accountant, ``force_smaller=True``, so the accountant's epsilon never exceeds the
         target) for ``num_steps`` steps of Poisson sampling with rate ``q``; the budget is
         :attr:`budget`. Its :meth:`run` defaults to ``q`` and ``target_delta`` and
-        refuses, before any work, a run that would take more than ``num_steps`` steps in
-        all (those of its ``init_state`` included). Train in one call with
+        refuses, before any work, runs that would take more than ``num_steps`` steps in
+        all on the data set (fresh and continued runs together). Train in one call with
         ``DPSVI.make_private_with_epsilon(...).run(rng_key, num_steps, *data)``.
 
         Parameters
@@ -646,7 +667,7 @@ class DPSVI:
         q : float
             Poisson sampling rate (expected batch size / N), in (0, 1].
         num_steps : int
-            Number of update steps the budget must cover.
+            Number of update steps the budget covers (all runs together).
         tol : float
             Calibration tolerance on epsilon (the result lies in
             ``[target_epsilon - tol, target_epsilon]``).
@@ -752,164 +773,80 @@ class DPSVI:
             privacy spent by all steps in ``state`` (the plan's relation; add/remove-one
             without a plan), ``losses`` are not private.
         """
-        num_steps = _validation.count(num_steps, "num_steps")
-        shards = 1 if mesh is None else _sharding.check_mesh(mesh)
-        args, n = _validation.batch(args)
-        if any(a is None for a in args):
-            raise ValueError("DPSVI.run needs every positional argument to be a data array")
-        taken = 0 if init_state is None else int(init_state.num_steps)
-        plan, delta = self._plan_run(n, taken, num_steps, q, max_batch_size, delta)
-        epsilon = plan.epsilon(delta)
-        if check_finite:
-            _validation.finite_data(args)
-        in_mesh = contextlib.nullcontext()
-        if mesh is not None:
-            mesh = _sharding.auto_mesh(mesh)
-            args = _sharding.place(args, mesh)
-            in_mesh = jax.set_mesh(mesh)
-        batch_key, svi_key = self.rng_suite.split(rng_key)
-        # on a mesh the sampler draws row indices (replicated); each device gathers its rows
-        rows = args if mesh is None else (jnp.arange(n, dtype=jnp.int32),)
-        batch_init, get_batch = plan.batcher(rows, self.rng_suite)
-        size, expected = plan.batch_size, plan.normaliser
-        _, batch_state = batch_init(batch_key)
-        if init_state is None:
-            zeros = zero_examples(args, size)
-            state = self.init(svi_key, *zeros, init_params=init_params, **kwargs)
-        if init_state is not None:  # counters as arrays (a d3p 0.2 state has plain ints)
-            state = init_state._replace(
-                num_nonfinite_grads=jnp.asarray(init_state.num_nonfinite_grads, jnp.int32),
-                num_steps=jnp.asarray(taken, jnp.int32),
+        return DPSVIRunResult(
+            *_training.run(
+                self,
+                rng_key,
+                num_steps,
+                args,
+                kwargs,
+                q=q,
+                max_batch_size=max_batch_size,
+                delta=delta,
+                progress_bar=progress_bar,
+                init_state=init_state,
+                init_params=init_params,
+                mesh=mesh,
+                check_finite=check_finite,
             )
-        if mesh is not None:
-            state, batch_state = _sharding.place((state, batch_state), mesh)
-
-        # on a mesh the data are an argument of the jitted chunk: a global array whose rows
-        # live in several processes cannot be closed over
-        data = () if mesh is None else args
-
-        def step(state, i, data):
-            batch, mask = get_batch(i, batch_state)
-            if mesh is not None:
-                batch, mask = _sharding.gather_batch(data, batch[0], mask, shards)
-            return self._update(state, batch, kwargs, mask, expected)
-
-        chunk = -(-num_steps // 50) if progress_bar else num_steps
-
-        loss_dtype = jnp.result_type(float)  # the loss's: it is promoted with this dtype
-
-        def body(state, i, data):
-            new_state, loss = step(state, i, data)
-            return new_state, loss.astype(loss_dtype)
-
-        def body_or_skip(state, i, data):  # for a last chunk that reaches past num_steps
-            skip = (state, jnp.full((), jnp.nan, loss_dtype))
-            return jax.lax.cond(i < num_steps, body, lambda *_: skip, state, i, data)
-
-        # one trace of the step (no eval_shape for the loss type), and no cond when every
-        # chunk is full (always without a progress bar)
-        @jax.jit
-        def run_chunk(state, start, data):
-            scan_body = body_or_skip if num_steps % chunk else body
-            return jax.lax.scan(
-                lambda s, i: scan_body(s, i, data), state, start + jnp.arange(chunk)
-            )
-
-        losses = []
-        with in_mesh, tqdm.trange(num_steps, disable=not progress_bar) as bar:
-            for start in range(0, num_steps, chunk):
-                state, chunk_losses = run_chunk(state, start, data)
-                losses.append(chunk_losses)
-                done = min(chunk, num_steps - start)
-                bar.set_postfix_str(f"loss {float(jnp.nanmean(chunk_losses)):.4g} (not private)")
-                bar.update(done)
-        losses = jnp.concatenate(losses)[:num_steps]
-        params = self.get_params(state)
-        return DPSVIRunResult(params, state, losses, epsilon, delta, plan.dp_event())
+        )
 
     # ---------------------------------------------------------------- internals
 
-    def _plan_run(
-        self, n: int, done: int, num_steps: int, q: Any, max_batch_size: Any, delta: Any
-    ) -> tuple[PrivacyPlan, float]:
-        """The plan of all ``done + num_steps`` steps of a run over ``n`` records and the
-        delta to report at: this DPSVI's plan, its budget's plan, or a Poisson plan at rate
-        ``q``. Refuses, before any work, runs beyond what a plan or budget covers."""
-        covered = self.plan or self.budget
-        if covered is not None:
-            covered.check_steps(done, num_steps)
-            if q is not None and q != covered.q:
-                kind = "plan" if covered is self.plan else "budget"
-                raise ValueError(
-                    f"this DPSVI's privacy {kind} is for q={covered.q}, got q={q} (its "
-                    "accounting would not describe the run: the budget could be exceeded)"
-                )
-        if delta is None and self.budget is None:
-            raise ValueError(
-                "DPSVI.run needs the delta at which to report the privacy spent, in "
-                "(0, 1); choose it well below 1 / N (the number of records), e.g. 1e-5"
-            )
-        delta = self.budget.delta if delta is None else delta
-        total = done + num_steps
+    def _update_mechanism(self) -> PrivacyPlan | UnplannedStep:
+        """What the history records for a step of :meth:`update`: the plan's, if any."""
         if self.plan is not None:
-            if max_batch_size is not None:
-                raise ValueError("the plan sets the batch size; do not pass max_batch_size")
-            return self.plan.with_steps(total), delta
-        if self.budget is not None:
-            plan = self.budget.plan(n, total, max_batch_size)
-        elif q is None:
-            raise ValueError("DPSVI.run needs the Poisson sampling rate q, in (0, 1]")
-        else:
-            plan = PrivacyPlan.poisson(
-                n, q, self.clipping_threshold, self.dp_scale, total, max_batch_size=max_batch_size
-            )
-        if self.expected_batch_size is not None and not math.isclose(
-            self.expected_batch_size, plan.normaliser
+            return self.plan.with_steps(1)
+        return UnplannedStep(self.clipping_threshold, self.dp_scale)
+
+    def _check_governed(self) -> None:
+        """Refuse a clipping threshold or noise changed away from the plan's or budget's."""
+        covered = self.plan or self.budget
+        if (self.clipping_threshold, self.dp_scale) != (
+            covered.clipping_threshold,
+            covered.noise_multiplier,
         ):
-            warnings.warn(
-                f"DPSVI.run normalises by q * N = {plan.normaliser}, not expected_batch_size="
-                f"{self.expected_batch_size}",
-                UserWarning,
-                stacklevel=3,
+            raise ValueError(
+                f"clipping_threshold={self.clipping_threshold} and dp_scale={self.dp_scale} "
+                f"were changed from those of this DPSVI's plan or budget ({covered}); make a "
+                "new plan instead"
             )
-        return plan, delta
 
-    def _site_layout(self, params: Any, args: tuple, kwargs: dict) -> SiteLayout:
-        """Which sites are per-example, for these unconstrained params, batch and kwargs.
-
-        Classified by abstract tracing, so a function of the model, the guide, the shapes
-        and dtypes of ``params``, ``args`` and array kwargs, and the other kwargs' values;
-        derived when first needed (also while a step is traced) and cached on those.
-        """
-        self._check_components()
-        model, guide, cache = self._layouts
-        if model is not self.model or guide is not self.guide:
-            cache = {}
-            self._layouts = (self.model, self.guide, cache)
-        params, args = _abstract(params), _abstract(args)
-        key = _shape_key((params, args, kwargs, self.static_kwargs))
+    def _missing_plate_size(self, kwargs: dict) -> ValueError | None:
+        """The error for a model called without its data-set size (a plate of size None)."""
         try:
-            return cache[key]
-        except TypeError:  # an unhashable keyword argument: classify without caching
-            key = None
-        except KeyError:
-            pass
-        rng_key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-        if self._svi.constrain_fn is None:
-            # numpyro's SVI reads the parameters' constraints while initialising: do that
-            # abstractly (nothing is computed, no data are read)
-            jax.eval_shape(lambda k, a: self._svi.init(k, *a, **kwargs), rng_key, args)
-        layout = classify_sites(
-            self.model,
-            self.guide,
-            jax.eval_shape(self._svi.constrain_fn, params),
-            rng_key,
-            args,
-            {**kwargs, **self.static_kwargs},
+            parameters = inspect.signature(self.model).parameters
+        except (TypeError, ValueError):
+            return None
+        given = {**kwargs, **self.static_kwargs}
+        missing = [
+            name
+            for name, p in parameters.items()
+            if p.default is None and given.get(name) is None and p.kind != p.VAR_POSITIONAL
+        ]
+        if not missing:
+            return None
+        return ValueError(
+            f"the model's data plate has no size: pass the number of records N as the "
+            f"model's keyword {' or '.join(map(repr, missing))} (e.g. DPSVI(..., "
+            f"{missing[-1]}=N)); it sets the likelihood's scale and must be the data-set size"
         )
-        if key is not None:
-            cache[key] = layout
-        return layout
+
+    def _check_plate(self, state: DPSVIState, n: int) -> None:
+        """Refuse a model whose data plate scales one example to other than ``n`` records.
+
+        A wrong data-set size (``num_obs_total``, ``N``) changes what the likelihood means
+        and the step size; :meth:`run` knows the number of records, so it checks.
+        """
+        if not self.clip_unscaled_observations:
+            return
+        scale = float(state.observation_scale)
+        if not math.isclose(scale, n, rel_tol=1e-6):
+            raise ValueError(
+                f"the model's data plate scales one example to {scale:g} records, but the "
+                f"data have {n}: pass the data-set size N={n} to the model (e.g. "
+                "num_obs_total=N, as the plate's size) "
+            )
 
     def _normaliser(self, batch_size: int, masked: bool) -> float:
         """The data-independent divisor of the noisy gradient sum."""
@@ -947,218 +884,42 @@ class DPSVI:
                 stacklevel=4,
             )
 
-    def _step_inputs(self, state: DPSVIState, args: tuple, kwargs: dict) -> tuple:
-        """Keys, unconstrained params, merged kwargs and site layout for the step."""
-        params = self.optim.get_params(state.optim_state)
-        layout = self._site_layout(params, args, kwargs)
-        new_key, elbo_key, noise_key = self.rng_suite.split(state.rng_key, 3)
-        jax_key = self.rng_suite.convert_to_jax_rng_key(elbo_key)
-        return new_key, jax_key, noise_key, params, {**kwargs, **self.static_kwargs}, layout
-
-    def _particles(self, fn: Callable, jax_key: jax.Array, *stacked: Any) -> Any:
-        """``fn(key, *xs)`` for each particle of the loss, keyed as numpyro's Trace_ELBO.
-
-        ``stacked`` holds per-particle inputs (leading particle axis when there are several).
-        """
-        num_particles = self.per_example_loss.num_particles
-        if num_particles == 1:
-            return fn(jax_key, *stacked)
-        return jax.vmap(fn)(jax.random.split(jax_key, num_particles), *stacked)
-
-    def _global_part(
-        self, params: dict, jax_key: jax.Array, zero_args: tuple, kwargs: dict, layout: SiteLayout
-    ) -> tuple[dict, jax.Array]:
-        """The step's sample of the global latents and ``-(log p(z_g) - log q(z_g))`` at it.
-
-        A function of the params only: ``zero_args`` is a data-free stand-in batch. The
-        sample is shared by all examples (split path only).
-        """
-        cparams = self._svi.constrain_fn(params)
-
-        def particle(key):
-            values, term = global_part(
-                self.model, self.guide, cparams, key, zero_args, kwargs, layout
-            )
-            return values, -term
-
-        values, losses = self._particles(particle, jax_key)
-        return values, jnp.mean(losses)
-
-    def _linearised_global_part(
-        self, params: dict, jax_key: jax.Array, args: tuple, kwargs: dict, layout: SiteLayout
-    ) -> tuple[GlobalSample, jax.Array, Any]:
-        """The shared global sample with its linear maps, the global loss and its gradient."""
-        zero_args = zero_examples(args)
-        return linearised_global_sample(
-            lambda p: self._global_part(p, jax_key, zero_args, kwargs, layout), params
-        )
-
-    def _example_loss(
-        self,
-        params: dict,
-        global_values: dict | None,
-        jax_key: jax.Array,
-        example_args: tuple,
-        kwargs: dict,
-        index: jax.Array,
-        obs_scale: jax.Array,
-        layout: SiteLayout,
-    ) -> jax.Array:
-        """Loss of one example (a batch of one) whose gradient is clipped, per unit scale.
-
-        Split path: the data terms, evaluated at ``global_values``, the step's sample of the
-        global latents (:meth:`_global_part`, shared by all examples). Generic path
-        (``global_values`` is None): the whole loss, with its own randomness.
-        """
-        cparams = self._svi.constrain_fn(params)
-        if global_values is None:
-            loss = self.per_example_loss.loss(
-                jax.random.fold_in(jax_key, index),
-                cparams,
-                self.model,
-                self.guide,
-                *example_args,
-                **kwargs,
-            )
-            return loss / obs_scale
-
-        def particle(key, values):
-            data_term, _ = elbo_terms(
-                self.model,
-                self.guide,
-                cparams,
-                key,
-                example_args,
-                kwargs,
-                layout,
-                index,
-                values,
-            )
-            return -data_term
-
-        return jnp.mean(self._particles(particle, jax_key, global_values)) / obs_scale
-
-    def _noise(self, noise_key: Any, like: Any) -> Any:
-        """Privacy noise N(0, (dp_scale * C)^2) per coordinate, shaped like ``like``."""
-        flat, unravel = ravel_pytree(like)
-        z = self.rng_suite.hardened_normal(noise_key, flat.shape, flat.dtype)
-        return unravel(z * (self.dp_scale * self.clipping_threshold))
-
-    def _optim_update(self, grads: Any, optim_state: Any) -> Any:
-        if getattr(self.optim, "update_with_value", False):
-            # optax wrappers want the loss value; the loss is not private, so never pass it
-            return self.optim.update(grads, optim_state, value=jnp.array(jnp.nan))
-        return self.optim.update(grads, optim_state)
-
     def _call_compiled(
-        self,
-        method: Callable,
-        state: DPSVIState,
-        args: tuple,
-        kwargs: dict,
-        mask: jax.Array,
-        normaliser: float,
+        self, name: str, fn: Callable, state: DPSVIState, args: tuple, kwargs: dict, *rest: Any
     ) -> Any:
-        """``method(state, args, kwargs, mask, normaliser)`` through a cached ``jax.jit``.
+        """``fn(self, state, args, kwargs, *rest)`` through a cached ``jax.jit``.
 
         Called un-jitted in a Python loop, each step then reuses one compiled program per
         input shape instead of recompiling its loops every call. Array-valued keyword
         arguments are traced; the others (e.g. ``num_obs_total``) are static and must be
-        hashable, else the call runs un-jitted. The cache is keyed on everything the traced
-        step reads from ``self``, so changing e.g. ``dp_scale`` takes effect (a stale noise
-        scale is never used).
+        hashable, else the call runs un-jitted. ``rest[-1]`` may be static (a mechanism).
         """
-        dynamic = {k: v for k, v in kwargs.items() if _is_array_tree(v)}
-        static = tuple(sorted((k, v) for k, v in kwargs.items() if k not in dynamic))
-        try:
-            hash(static)
-        except TypeError:
-            return method(state, args, kwargs, mask, normaliser)
-        # objects compared by identity (they may hold arrays), settings by value; the site
-        # layout is derived while tracing from these and the traced shapes (_site_layout)
-        objects = (
-            self._svi,
-            self.static_kwargs,
-            self.model,
-            self.guide,
-            self.per_example_loss,
-            self.optim,
-            self.rng_suite,
-        )
-        settings = (
-            self.dp_scale,
-            self.clipping_threshold,
-            self.chunk_size,
-            self._split_elbo,
-            _sharding.context_shards(),
-        )
-        cached = self._compiled.get(method.__name__)
-        if (
-            cached is None
-            or any(a is not b for a, b in zip(cached[0], objects, strict=True))
-            or cached[1] != settings
-        ):
-
-            def call(state, args, dynamic, mask, normaliser, static):
-                return method(state, args, {**dynamic, **dict(static)}, mask, normaliser)
-
-            cached = (objects, settings, jax.jit(call, static_argnums=5))
-            self._compiled[method.__name__] = cached
-        return cached[2](state, args, dynamic, mask, normaliser, static)
-
-    def _evaluate(
-        self, state: DPSVIState, args: tuple, kwargs: dict, mask: jax.Array, normaliser: float
-    ) -> jax.Array:
-        batch_size = args[0].shape[0]
-        _, jax_key, _, params, kwargs, layout = self._step_inputs(state, args, kwargs)
-        obs_scale = state.observation_scale
-        values, global_loss = None, 0.0
-        if self._split_elbo:
-            values, global_loss = self._global_part(
-                params, jax_key, zero_examples(args), kwargs, layout
+        split = _training.split_kwargs(kwargs)
+        if split is None:
+            return fn(self, state, args, kwargs, *rest)
+        dynamic, static = split
+        *traced, last = rest
+        if isinstance(last, PrivacyPlan | UnplannedStep):
+            compiled = _training.cached(
+                self,
+                (name, static, last),
+                lambda: jax.jit(
+                    lambda s, a, d, *t: fn(self, s, a, {**d, **dict(static)}, *t, last)
+                ),
             )
-        losses = jax.vmap(
-            lambda ex, i: self._example_loss(
-                params, values, jax_key, ex, kwargs, i, obs_scale, layout
-            )
-        )(add_examples_axis(args), jnp.arange(batch_size))
-        return jnp.sum(jnp.where(mask, losses, 0.0)) * (obs_scale / normaliser) + global_loss
-
-    def _update(
-        self, state: DPSVIState, args: tuple, kwargs: dict, mask: jax.Array, normaliser: float
-    ) -> tuple[DPSVIState, jax.Array]:
-        new_key, jax_key, noise_key, params, kwargs, layout = self._step_inputs(state, args, kwargs)
-        obs_scale = state.observation_scale
-        sample = None
-        if self._split_elbo:
-            sample, global_loss, global_grads = self._linearised_global_part(
-                params, jax_key, args, kwargs, layout
-            )
-
-        def example(p, v, ex, i):
-            return self._example_loss(p, v, jax_key, ex, kwargs, i, obs_scale, layout)
-
-        grad_sum, loss_sum, num_bad = _clipping.clipped_sum(
-            example,
-            params,
-            sample,
-            args,
-            mask,
-            self.clipping_threshold,
-            self.chunk_size,
-            weighted=self.per_example_loss.num_particles == 1,
-            groups=_sharding.context_shards(),
+            return compiled(state, args, dynamic, *traced)
+        compiled = _training.cached(
+            self,
+            (name, static),
+            lambda: jax.jit(lambda s, a, d, *t: fn(self, s, a, {**d, **dict(static)}, *t)),
         )
-        if self.dp_scale > 0:
-            grad_sum = jax.tree.map(jnp.add, grad_sum, self._noise(noise_key, grad_sum))
-        factor = obs_scale / normaliser
-        grads = jax.tree.map(lambda g: (g * factor).astype(g.dtype), grad_sum)
-        loss = loss_sum * factor
-        if self._split_elbo:
-            # post-processing: data-free term added after the noise
-            grads = jax.tree.map(jnp.add, grads, global_grads)
-            loss = loss + global_loss
-        optim_state = self._optim_update(grads, state.optim_state)
-        count = jnp.asarray(state.num_nonfinite_grads, jnp.int32) + num_bad
-        steps = jnp.asarray(state.num_steps, jnp.int32) + 1
-        return DPSVIState(optim_state, new_key, obs_scale, count, steps), loss
+        return compiled(state, args, dynamic, *rest)
+
+
+def _warn_not_private() -> None:
+    warnings.warn(
+        "dp_scale is 0: no noise is added, the training is NOT differentially private "
+        "(epsilon is inf)",
+        UserWarning,
+        stacklevel=4,
+    )

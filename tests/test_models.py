@@ -16,7 +16,7 @@ from numpyro.infer import Trace_ELBO
 from numpyro.infer.autoguide import AutoBNAFNormal, AutoDiagonalNormal, AutoIAFNormal, AutoNormal
 from numpyro.optim import SGD
 
-from d3p import _clipping
+from d3p import _clipping, _mechanism
 from d3p.random import debug
 from d3p.svi import DPSVI
 
@@ -267,7 +267,7 @@ def brute_force_data_grads(dpsvi, state, model, guide, x, y):
     is its data term times the plate scale N.
     """
     params = dpsvi.optim.get_params(state.optim_state)
-    elbo_key = debug.split(state.rng_key, 3)[1]
+    elbo_key = _mechanism.step_keys(debug, state.rng_key)[2]
     blocked = numpyro.handlers.block(model, hide=["y"])
 
     def loss(m, p, xi, yi):

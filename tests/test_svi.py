@@ -19,9 +19,10 @@ import pytest
 from numpyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from numpyro.infer.autoguide import AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
 
+import d3p._mechanism
 import d3p.random
 import d3p.svi
-from d3p import _clipping, dputil, minibatch
+from d3p import _clipping, _mechanism, dputil, minibatch
 from d3p._elbo_split import classify_sites
 from d3p.svi import DPSVI, DPSVIState, clip_gradient, full_norm, normalize_gradient
 
@@ -120,10 +121,25 @@ def test_normalize_gradient():
 
 
 def svi_reference(model, guide, optim, dpsvi, state, x, y, loss=None):
-    """numpyro SVI started from DPSVI's parameters and key (both split the key identically)."""
+    """numpyro SVI started from DPSVI's parameters, and its step with DPSVI's ELBO key.
+
+    ``step(svi_state, dpsvi_state, x, y)`` is numpyro's ``SVI.update`` (optimiser's
+    ``eval_and_update`` of the ELBO) with the ELBO key DPSVI's step of ``dpsvi_state`` uses.
+    """
     svi = SVI(model, guide, optim, loss or Trace_ELBO())
     svi_state = svi.init(jax.random.PRNGKey(123), x, y, init_params=dpsvi.get_params(state))
-    return svi, svi_state._replace(rng_key=state.rng_key)
+
+    def step(svi_state, dpsvi_state, x, y):
+        key = debug.convert_to_jax_rng_key(_mechanism.step_keys(debug, dpsvi_state.rng_key)[2])
+
+        def loss_fn(params):
+            value = svi.loss.loss(key, svi.constrain_fn(params), model, guide, x, y)
+            return value, None
+
+        (value, _), optim_state = svi.optim.eval_and_update(loss_fn, svi_state.optim_state)
+        return svi_state._replace(optim_state=optim_state), value
+
+    return svi, svi_state, jax.jit(step)
 
 
 @pytest.mark.parametrize(
@@ -154,11 +170,11 @@ def _check_matches_svi(guide_kind, x64, particles):
     loss = Trace_ELBO(num_particles=particles)
     dpsvi = DPSVI(logreg_model, guide, optim, loss, 1e8, 0.0, rng_suite=debug)
     state = dpsvi.init(debug.PRNGKey(3), x, y)
-    svi, svi_state = svi_reference(logreg_model, guide, optim, dpsvi, state, x, y, loss)
-    dp_step, svi_step = jax.jit(dpsvi.update), jax.jit(svi.update)
+    svi, svi_state, svi_step = svi_reference(logreg_model, guide, optim, dpsvi, state, x, y, loss)
+    dp_step = jax.jit(dpsvi.update)
     for _ in range(3):
+        svi_state, svi_loss = svi_step(svi_state, state, x, y)
         state, loss = dp_step(state, x, y)
-        svi_state, svi_loss = svi_step(svi_state, x, y)
         # float32: sums in a different order, relative error ~1e-6; float64 ~1e-14
         assert float(loss) == pytest.approx(float(svi_loss), rel=1e-12 if x64 else 1e-5)
     tol = 1e-12 if x64 else 1e-5
@@ -180,7 +196,7 @@ def test_gradient_is_mean_of_per_example_gradients():
     state = dpsvi.init(debug.PRNGKey(5), x, y)
     params = dpsvi.optim.get_params(state.optim_state)
     grad, _, _ = sgd_gradient(dpsvi, state, x, y)
-    elbo_key = debug.split(state.rng_key, 3)[1]
+    elbo_key = _mechanism.step_keys(debug, state.rng_key)[2]
 
     def example_loss(p, xi, yi):
         return Trace_ELBO().loss(elbo_key, dpsvi.constrain_fn(p), logreg_model, guide, xi, yi)
@@ -197,11 +213,11 @@ def test_optax_optimiser_matches_svi():
     optim = optax.adam(1e-2)
     dpsvi = DPSVI(logreg_model, logreg_guide, optim, Trace_ELBO(), 1e8, 0.0, rng_suite=debug)
     state = dpsvi.init(debug.PRNGKey(1), x, y)
-    svi, svi_state = svi_reference(logreg_model, logreg_guide, optim, dpsvi, state, x, y)
-    dp_step, svi_step = jax.jit(dpsvi.update), jax.jit(svi.update)
+    svi, svi_state, svi_step = svi_reference(logreg_model, logreg_guide, optim, dpsvi, state, x, y)
+    dp_step = jax.jit(dpsvi.update)
     for _ in range(2):
+        svi_state, _ = svi_step(svi_state, state, x, y)
         state, _ = dp_step(state, x, y)
-        svi_state, _ = svi_step(svi_state, x, y)
     assert tree_max_diff(dpsvi.get_params(state), svi.get_params(svi_state)) < 1e-5
 
 
@@ -286,7 +302,7 @@ def test_clipping_through_the_global_sample(monkeypatch, guide_class, weighted):
     dpsvi = DPSVI(biased_logreg_model, guide, optim, Trace_ELBO(), c, 0.0, rng_suite=debug)
     state = dpsvi.init(debug.PRNGKey(4), x, y)
     params = dpsvi.optim.get_params(state.optim_state)
-    elbo_key = debug.split(state.rng_key, 3)[1]
+    elbo_key = _mechanism.step_keys(debug, state.rng_key)[2]
     blocked = numpyro.handlers.block(biased_logreg_model, hide=["y"])
 
     def loss(model, p, xi, yi):
@@ -587,7 +603,7 @@ def classified(monkeypatch):
     """A list that grows by one with each site classification DPSVI runs."""
     calls = []
     spy = lambda *a, **k: calls.append(1) or classify_sites(*a, **k)  # noqa: E731
-    monkeypatch.setattr(d3p.svi, "classify_sites", spy)
+    monkeypatch.setattr(d3p._mechanism, "classify_sites", spy)
     return calls
 
 
@@ -710,7 +726,7 @@ def test_run_and_privacy_spent():
     assert bool(jnp.all(jnp.isfinite(result.losses)))
     assert isinstance(result.state, DPSVIState)
     # truncated Poisson accounting is at least the plain Poisson epsilon, and close to it
-    plain = dpsvi.get_epsilon(1e-3, 0.05, num_iter=30)
+    plain = dpsvi.get_epsilon(1e-3, 0.05, num_iter=30, dataset_size=200, max_batch_size=200)
     assert plain <= result.epsilon < plain * 1.01
     assert result.delta == 1e-3
 
@@ -742,20 +758,25 @@ def test_make_private_with_epsilon_and_run():
 
 def test_get_epsilon_and_delta():
     dpsvi = DPSVI(logreg_model, logreg_guide, numpyro.optim.Adam(1e-2), Trace_ELBO(), 1.0, 1.0)
-    eps = dpsvi.get_epsilon(1e-5, 0.01, num_epochs=2)
+    untruncated = dict(dataset_size=1000, max_batch_size=1000)
+    eps = dpsvi.get_epsilon(1e-5, 0.01, num_epochs=2, **untruncated)
     assert eps == pytest.approx(dputil.compute_epsilon(1.0, 1e-5, 0.01, 200))
-    assert dpsvi.get_delta(eps, 0.01, num_iter=200) == pytest.approx(1e-5, rel=1e-2)
+    assert dpsvi.get_delta(eps, 0.01, num_iter=200, **untruncated) == pytest.approx(1e-5, rel=1e-2)
     with pytest.raises(ValueError, match="exactly one"):
-        dpsvi.get_epsilon(1e-5, 0.01)
+        dpsvi.get_epsilon(1e-5, 0.01, **untruncated)
+    # how batches were drawn is never guessed (d3p 0.3.x returned untruncated Poisson here)
+    with pytest.raises(ValueError, match="q, dataset_size and max_batch_size"):
+        dpsvi.get_epsilon(1e-5, 0.01, num_iter=200)
     no_noise = DPSVI(logreg_model, logreg_guide, numpyro.optim.Adam(1e-2), Trace_ELBO(), 1.0, 0)
-    assert no_noise.get_epsilon(1e-5, 0.01, num_iter=10) == math.inf
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        assert no_noise.get_epsilon(1e-5, 0.01, num_iter=10, **untruncated) == math.inf
 
 
 def test_get_epsilon_accounts_for_truncated_batches():
     # The numbers of the minibatch guide: sigma 1, q 0.02, 200 steps, N 5000, truncation at
     # the 0.9999 quantile (139 rows) costs epsilon 2.04 instead of 1.85 at delta 1e-5.
     dpsvi = DPSVI(logreg_model, logreg_guide, numpyro.optim.Adam(1e-2), Trace_ELBO(), 1.0, 1.0)
-    plain = dpsvi.get_epsilon(1e-5, 0.02, num_iter=200)
+    plain = dpsvi.get_epsilon(1e-5, 0.02, num_iter=200, dataset_size=5000, max_batch_size=5000)
     size = minibatch.structural_batch_size(5000, 0.02, 0.9999)
     truncated = dpsvi.get_epsilon(1e-5, 0.02, num_iter=200, dataset_size=5000, max_batch_size=size)
     assert truncated == dpsvi.get_epsilon(
@@ -776,9 +797,7 @@ def test_get_epsilon_accounts_for_truncated_batches():
     delta = dpsvi.get_delta(truncated, 0.02, num_iter=200, dataset_size=5000, max_batch_size=size)
     assert delta == pytest.approx(1e-5, rel=1e-2)
     # a structural size of N cannot truncate: plain Poisson accounting
-    assert dpsvi.get_epsilon(
-        1e-5, 0.02, num_iter=200, dataset_size=5000, max_batch_size=5000
-    ) == pytest.approx(plain)
+    assert plain == pytest.approx(dputil.compute_epsilon(1.0, 1e-5, 0.02, 200))
     with pytest.raises(ValueError, match="dataset_size and max_batch_size"):
         dpsvi.get_epsilon(1e-5, 0.02, num_iter=200, max_batch_size=size)
 

@@ -14,6 +14,7 @@ import numpyro.distributions as dist
 import pytest
 from numpyro.infer import Trace_ELBO
 
+import d3p._mechanism
 import d3p.random
 from d3p import minibatch
 from d3p.plan import PrivacyBudget, PrivacyPlan
@@ -81,7 +82,9 @@ def test_cumulative_epsilon_equals_one_run_of_all_steps():
     single = dpsvi.get_epsilon(1e-5, 0.05, num_iter=10, dataset_size=N, max_batch_size=size)
     assert second.epsilon == single > first.epsilon
     assert second.dp_event == dp_accounting.SelfComposedDpEvent(
-        dp_accounting.TruncatedSubsampledGaussianDpEvent(N, 0.05, size, 1.0), 10
+        # add/remove: the larger neighbour has N + 1 records
+        dp_accounting.TruncatedSubsampledGaussianDpEvent(N + 1, 0.05, size, 1.0),
+        10,
     )
     # a hand-written loop gets the same from the state
     by_state = dpsvi.get_epsilon(
@@ -100,7 +103,7 @@ def no_steps(monkeypatch):
         raise AssertionError("training work started before the budget was checked")
 
     def install(dpsvi):
-        monkeypatch.setattr(dpsvi, "_update", forbidden)
+        monkeypatch.setattr(d3p._mechanism, "update", forbidden)
         monkeypatch.setattr(dpsvi, "init", forbidden)
 
     return install
@@ -123,14 +126,17 @@ def test_budget_overrun_is_refused_before_any_step(no_steps):
     # a state built as in d3p 0.2 (three fields) starts the count at 0
     state = dpsvi.init(debug.PRNGKey(0), x, y)
     old = DPSVIState(state.optim_state, state.rng_key, state.observation_scale)
-    first = dpsvi.run(debug.PRNGKey(0), 6, x, y, init_state=old, progress_bar=False)
+    with pytest.warns(UserWarning, match="no privacy history"):
+        first = dpsvi.run(debug.PRNGKey(0), 6, x, y, init_state=old, progress_bar=False)
     assert int(first.state.num_steps) == 6 and first.epsilon <= 1.0
     no_steps(dpsvi)
-    with pytest.raises(ValueError, match="taken 6, so at most 4 more"):
+    with pytest.raises(ValueError, match="taken 6 .this state 6, other runs 0., so at most 4 more"):
         dpsvi.run(debug.PRNGKey(1), 6, x, y, init_state=first.state, progress_bar=False)
     with pytest.raises(ValueError, match="covers 10 steps"):
         dpsvi.run(debug.PRNGKey(1), 11, x, y, progress_bar=False)
-    assert dpsvi.get_epsilon(1e-5, state=first.state, dataset_size=N, max_batch_size=N) < 1.0
+    assert dpsvi.get_epsilon(1e-5, state=first.state) == first.epsilon < 1.0
+    with pytest.raises(ValueError, match="history records them"):  # contradicts the budget's
+        dpsvi.get_epsilon(1e-5, state=first.state, dataset_size=N, max_batch_size=N)
 
 
 def test_plan_event_sampler_and_noise_agree(monkeypatch, no_steps):

@@ -21,6 +21,17 @@ the ChaCha20 state: row 0 the constants, rows 1-2 the 256-bit secret key,
   nonces of the new keys from the first ``3 * num`` words of the stream.
 * ``fold_in(key, data)`` keeps the secret key, sets the counter to 0 and takes
   the nonce from the last three words of the stream block at offset ``data``.
+* ``rekey(key)`` (not in jax-chacha-prng) starts a new key whose 256-bit secret is
+  the first eight words of the stream: from the new key, ``key`` cannot be
+  recomputed (forward secrecy; see :func:`rekey`).
+
+The two derivations of jax-chacha-prng overlap: both read the stream of the key
+they are given, so ``split(key, n)[i]`` equals ``fold_in(key, d)`` whenever
+``3 i = 16 d + 13`` (e.g. ``split(key, n)[15] == fold_in(key, 2)``, ``[31]`` and 5,
+``[47]`` and 8), and ``rekey(key)``'s secret is the nonces of ``split(key, 3)``.
+d3p keeps this stream layout for bit-compatibility and never derives keys from one
+key by more than one of ``split``, ``fold_in`` and ``rekey`` (tested); do the same
+in your own code.
 
 Only the 256-bit secret key must stay secret; counters and nonces are public by
 design in ChaCha20. :func:`hardened_normal` is the sampler for privacy noise.
@@ -49,6 +60,7 @@ __all__ = [
     "PRNGKey",
     "split",
     "fold_in",
+    "rekey",
     "random_bits",
     "uniform",
     "normal",
@@ -183,6 +195,35 @@ def fold_in(key: PRNGState, data) -> PRNGState:
     if not jnp.issubdtype(jnp.result_type(data), jnp.integer):
         raise TypeError(f"fold_in: data must be an integer, got {jnp.result_type(data)}")
     return _fold_in(key, jnp.asarray(data))
+
+
+def rekey(key: PRNGState) -> PRNGState:
+    """A key with a fresh secret: the first eight words of ``key``'s stream, counter and
+    nonce 0.
+
+    ChaCha20 is a pseudorandom function of its secret, so the new key reveals nothing
+    about ``key`` or about anything drawn from keys that share ``key``'s secret (e.g.
+    other keys of the :func:`split` that gave ``key``). :class:`d3p.svi.DPSVI` rekeys its
+    state after every step, so a released state cannot recompute earlier noise or
+    batches. Use ``key`` for nothing else (see the module notes).
+
+    Parameters
+    ----------
+    key : PRNGState
+        The key to replace; do not use it again.
+
+    Returns
+    -------
+    PRNGState
+        ``uint32`` array of shape (4, 4).
+    """
+    return _rekey(_check_key(key))
+
+
+@jax.jit
+def _rekey(key: jax.Array) -> jax.Array:
+    secret = chacha.stream_words(key, 8)
+    return jnp.concatenate([key[0], secret, jnp.zeros(4, jnp.uint32)]).reshape(_KEY_SHAPE)
 
 
 def random_bits(key: PRNGState, bit_width: int, shape: int | Sequence[int]) -> jax.Array:

@@ -36,6 +36,7 @@ __all__ = [
     "PRNGKey",
     "split",
     "fold_in",
+    "rekey",
     "random_bits",
     "uniform",
     "normal",
@@ -98,6 +99,11 @@ def split(key: PRNGState, num: int = 2) -> PRNGState:
 def fold_in(key: PRNGState, data) -> PRNGState:
     """A new key from ``key`` and integer ``data`` (``jax.random.fold_in``)."""
     return jax.random.fold_in(_check_key(key), data)
+
+
+def rekey(key: PRNGState) -> PRNGState:
+    """A new key from ``key`` (``jax.random.split(key, 1)[0]``; no forward secrecy)."""
+    return jax.random.split(_check_key(key), 1)[0]
 
 
 def random_bits(key: PRNGState, bit_width: int, shape: int | Sequence[int]) -> jax.Array:

@@ -1,0 +1,269 @@
+# SPDX-License-Identifier: Apache-2.0
+# SPDX-FileCopyrightText: © 2026 d3p developers
+"""The training loop behind :meth:`d3p.svi.DPSVI.run`.
+
+It plans the run (the DPSVI's plan, its budget's plan for the data, or a Poisson plan),
+checks it against the state's history and the plan's record of earlier runs before any
+work, draws every step's batch from the state's own key (so a continued run never replays
+a batch and does not use its own key), runs the steps in jitted chunks that are compiled
+once per shape and reused by later runs, shows a progress bar, and places the work on a
+device mesh when one is given. The private step itself is :mod:`d3p._mechanism`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import tqdm
+
+from d3p import _mechanism, _sharding, _validation
+from d3p._elbo_split import zero_examples
+from d3p.history import PrivacyHistory, plans_dp_event, plans_epsilon, with_history
+from d3p.plan import PrivacyPlan
+
+# Most steps in one compiled chunk (their losses are buffered on the device), and the
+# number of progress-bar updates a run aims at.
+_MAX_CHUNK = 1024
+_PROGRESS_UPDATES = 50
+
+
+# ---------------------------------------------------------------- compile cache
+
+
+def cached(dpsvi: Any, name: Any, make: Callable[[], Callable]) -> Callable:
+    """The function ``make()`` built for ``dpsvi`` under ``name``, built once and reused.
+
+    Rebuilt when anything the traced step reads from ``dpsvi`` changes: objects compared
+    by identity (they may hold arrays), settings by value, so a changed ``dp_scale``
+    never runs with a stale noise scale.
+    """
+    objects = (
+        dpsvi._svi,
+        dpsvi.static_kwargs,
+        dpsvi.model,
+        dpsvi.guide,
+        dpsvi.per_example_loss,
+        dpsvi.optim,
+        dpsvi.rng_suite,
+    )
+    settings = (
+        dpsvi.dp_scale,
+        dpsvi.clipping_threshold,
+        dpsvi.chunk_size,
+        dpsvi._split_elbo,
+        _sharding.context_shards(),
+    )
+    entry = dpsvi._compiled.get(name)
+    if (
+        entry is None
+        or any(a is not b for a, b in zip(entry[0], objects, strict=True))
+        or entry[1] != settings
+    ):
+        entry = (objects, settings, make())
+        dpsvi._compiled[name] = entry
+    return entry[2]
+
+
+def split_kwargs(kwargs: dict) -> tuple[dict, tuple] | None:
+    """``(array kwargs, hashable tuple of the others)``, or None if one is unhashable."""
+    dynamic = {k: v for k, v in kwargs.items() if _is_array_tree(v)}
+    static = tuple(sorted((k, v) for k, v in kwargs.items() if k not in dynamic))
+    try:
+        hash(static)
+    except TypeError:
+        return None
+    return dynamic, static
+
+
+def _is_array_tree(value: Any) -> bool:
+    leaves = jax.tree.leaves(value)
+    return bool(leaves) and all(isinstance(x, jax.Array) or hasattr(x, "__array__") for x in leaves)
+
+
+# ---------------------------------------------------------------- planning
+
+
+def plan_step(
+    dpsvi: Any, n: int, q: Any, max_batch_size: Any, delta: Any
+) -> tuple[PrivacyPlan, float]:
+    """The plan of one step of a run over ``n`` records, and the delta to report at.
+
+    This DPSVI's plan, its budget's plan for ``n`` records, or a Poisson plan at rate
+    ``q``; arguments that contradict a plan or budget are refused.
+    """
+    covered = dpsvi.plan or dpsvi.budget
+    if covered is not None:
+        dpsvi._check_governed()
+        if q is not None and q != covered.q:
+            kind = "plan" if covered is dpsvi.plan else "budget"
+            raise ValueError(
+                f"this DPSVI's privacy {kind} is for q={covered.q}, got q={q} (its "
+                "accounting would not describe the run: the budget could be exceeded)"
+            )
+    if delta is None and dpsvi.budget is None:
+        raise ValueError(
+            "DPSVI.run needs the delta at which to report the privacy spent, in "
+            "(0, 1); choose it well below 1 / N (the number of records), e.g. 1e-5"
+        )
+    delta = dpsvi.budget.delta if delta is None else _validation.real(delta, "delta", 0, 1)
+    if dpsvi.plan is not None:
+        if max_batch_size is not None:
+            raise ValueError("the plan sets the batch size; do not pass max_batch_size")
+        if n != dpsvi.plan.dataset_size:
+            raise ValueError(
+                f"the data have {n} records but the plan is for dataset_size="
+                f"{dpsvi.plan.dataset_size}"
+            )
+        return dpsvi.plan.with_steps(1), delta
+    if dpsvi.budget is not None:
+        return dpsvi.budget.plan(n, 1, max_batch_size), delta
+    if q is None:
+        raise ValueError("DPSVI.run needs the Poisson sampling rate q, in (0, 1]")
+    plan = PrivacyPlan.poisson(
+        n, q, dpsvi.clipping_threshold, dpsvi.dp_scale, 1, max_batch_size=max_batch_size
+    )
+    if dpsvi.expected_batch_size is not None and not math.isclose(
+        dpsvi.expected_batch_size, plan.normaliser
+    ):
+        warnings.warn(
+            f"DPSVI.run normalises by q * N = {plan.normaliser}, not expected_batch_size="
+            f"{dpsvi.expected_batch_size}",
+            UserWarning,
+            stacklevel=4,
+        )
+    return plan, delta
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _chunk(dpsvi: Any, step: PrivacyPlan, kwargs_static: tuple, shards: int | None) -> Callable:
+    """A jitted ``(state, data, dynamic kwargs, count) -> (state, losses)`` that takes
+    ``count`` steps (dynamic, at most ``_MAX_CHUNK``); losses beyond ``count`` are NaN.
+    ``shards``: the size of the mesh's data axis, None without a mesh."""
+    loss_dtype = jnp.result_type(float)  # the loss's: it is promoted with this dtype
+    on_mesh = shards is not None
+
+    def chunk(state, data, dynamic, count):
+        kwargs = {**dynamic, **dict(kwargs_static)}
+        n = data[0].shape[0]
+        # on a mesh the sampler draws row indices (replicated); each device gathers its rows
+        rows = (jnp.arange(n, dtype=jnp.int32),) if on_mesh else data
+        _, get_batch = step.batcher(rows, dpsvi.rng_suite)
+
+        def body(i, carry):
+            state, losses = carry
+            batch, mask = get_batch(0, _mechanism.batch_key(dpsvi.rng_suite, state))
+            if on_mesh:
+                batch, mask = _sharding.gather_batch(data, batch[0], mask, shards)
+            state, loss = _mechanism.update(
+                dpsvi, state, batch, kwargs, mask, step.normaliser, step
+            )
+            return state, losses.at[i].set(loss.astype(loss_dtype))
+
+        losses = jnp.full(_MAX_CHUNK, jnp.nan, loss_dtype)
+        return jax.lax.fori_loop(0, count, body, (state, losses))
+
+    return jax.jit(chunk)
+
+
+def _steps_per_chunk(num_steps: int, progress_bar: bool) -> int:
+    if progress_bar:
+        return min(_MAX_CHUNK, -(-num_steps // _PROGRESS_UPDATES))
+    return min(_MAX_CHUNK, num_steps)
+
+
+def run(
+    dpsvi: Any,
+    rng_key: Any,
+    num_steps: int,
+    args: tuple,
+    kwargs: dict,
+    *,
+    q: Any,
+    max_batch_size: Any,
+    delta: Any,
+    progress_bar: bool,
+    init_state: Any,
+    init_params: Any,
+    mesh: Any,
+    check_finite: bool,
+) -> tuple:
+    """:meth:`d3p.svi.DPSVI.run` (see there): ``(params, state, losses, epsilon, delta,
+    dp_event)``."""
+    num_steps = _validation.count(num_steps, "num_steps")
+    shards = None if mesh is None else _sharding.check_mesh(mesh)
+    args, n = _validation.batch(args)
+    if any(a is None for a in args):
+        raise ValueError("DPSVI.run needs every positional argument to be a data array")
+    split = split_kwargs(kwargs)
+    if split is None:
+        raise TypeError("DPSVI.run needs hashable non-array keyword arguments for the model")
+    step, delta = plan_step(dpsvi, n, q, max_batch_size, delta)
+    if init_state is not None:
+        init_state = with_history(init_state, stacklevel=4)
+    history = PrivacyHistory.start() if init_state is None else init_state.history
+    covered = dpsvi.plan or dpsvi.budget
+    if covered is not None:
+        covered.charge(history, step, num_steps)
+    # the accounting of the state after the run, before any work (refuses what it cannot
+    # account, e.g. steps of DPSVI.update without a plan)
+    plans = history.record(step, num_steps).plans()
+    epsilon = plans_epsilon(plans, delta)
+    if check_finite:
+        _validation.finite_data(args)
+
+    in_mesh = contextlib.nullcontext()
+    if mesh is not None:
+        mesh = _sharding.auto_mesh(mesh)
+        args = _sharding.place(args, mesh)
+        in_mesh = jax.set_mesh(mesh)
+    if init_state is None:
+        zeros = zero_examples(args, step.batch_size)
+        state = dpsvi.init(rng_key, *zeros, init_params=init_params, **kwargs)
+    else:
+        state = init_state
+    dpsvi._check_plate(state, n)
+    state = state._replace(  # counters as arrays (a d3p 0.2 state has plain ints)
+        num_nonfinite_grads=jnp.asarray(state.num_nonfinite_grads, jnp.int32),
+        num_steps=jnp.asarray(state.num_steps, jnp.int32),
+        history=state.history.record(step, 0),
+    )
+    if mesh is not None:
+        state = _sharding.place(state, mesh)
+
+    dynamic, static = split
+    per_chunk = _steps_per_chunk(num_steps, progress_bar)
+    losses = []
+    with in_mesh, tqdm.tqdm(total=num_steps, disable=not progress_bar) as bar:
+        fn = cached(
+            dpsvi,
+            ("run", step, static, shards),
+            lambda: _chunk(dpsvi, step, static, shards),
+        )
+        done = 0
+        while done < num_steps:
+            # the first chunk (one step) pays the compilation: shown apart from the steps,
+            # whose rate alone sets the ETA
+            count = 1 if done == 0 and progress_bar else min(per_chunk, num_steps - done)
+            if done == 0:
+                bar.set_description_str("compiling" if progress_bar else None)
+            state, buffer = fn(state, args, dynamic, count)
+            chunk_losses = buffer[:count]
+            losses.append(chunk_losses)
+            done += count
+            if done == count:
+                bar.set_description_str("training")
+                bar.reset()
+            bar.set_postfix_str(f"loss {float(jnp.nanmean(chunk_losses)):.4g} (not private)")
+            bar.update(count)
+    if covered is not None:
+        covered.settle(state.history)
+    params = dpsvi.get_params(state)
+    return params, state, jnp.concatenate(losses), epsilon, delta, plans_dp_event(plans)
