@@ -20,8 +20,10 @@ comments, which Sphinx and Markdown renderers do not show:
 Shell blocks (``bash``) are not Python and are not run.
 """
 
+import html
 import re
 import runpy
+import textwrap
 import unittest
 from pathlib import Path
 
@@ -192,3 +194,45 @@ def test_plot_script_runs(tmp_path):
     main.__globals__["OUT"] = tmp_path / "epsilon_vs_steps.png"
     main()
     assert (tmp_path / "epsilon_vs_steps.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------ docs/conf.py settings
+
+MATH_ROLE = re.compile(r":math:`([^`]+)`")
+MATH_DIRECTIVE = re.compile(r"^\.\. math::[ \t]*\n\n((?:[ \t]+.*\n|[ \t]*\n)+)", re.M)
+
+
+class _Translator:
+    """The two members of Sphinx's HTML translator that conf.py's math renderer uses."""
+
+    def __init__(self):
+        self.body = []
+
+    @staticmethod
+    def encode(text):
+        return html.escape(text)
+
+
+def test_docs_render_math_offline_and_signatures_without_paths():
+    # the pages need no MathJax (no CDN): every formula of the pages becomes MathML when
+    # the site is built; and a module default shows as its name, not the build machine's path
+    conf = runpy.run_path(str(DOCS / "conf.py"))
+    assert conf["html_math_renderer"] == "mathml"
+    assert "sphinx.ext.mathjax" not in conf["extensions"]
+    formulas = []
+    for page in pages():
+        text = page.read_text(encoding="utf-8")
+        formulas += MATH_ROLE.findall(text)
+        formulas += [textwrap.dedent(m) for m in MATH_DIRECTIVE.findall(text)]
+    assert len(formulas) > 50
+    for latex in formulas:
+        translator = _Translator()
+        conf["_mathml"](translator, latex, None, as_block=False)
+        assert translator.body[0].startswith("<math"), latex
+
+    import d3p.random
+
+    signature = f"(model, guide, rng_suite={d3p.random!r}, *, chunk_size=None)"
+    assert " from '" in signature  # the repr of a module names its file
+    shown, _ = conf["_signature_without_paths"](None, "class", "DPSVI", None, {}, signature, None)
+    assert shown == "(model, guide, rng_suite=d3p.random, *, chunk_size=None)"
