@@ -294,3 +294,108 @@ def test_plan_record_is_not_part_of_equality_or_repr():
     plan = PrivacyPlan.poisson(N, 0.05, 1.0, 1.0, 5)
     assert "_chains" not in repr(plan)
     assert dataclasses.replace(plan).steps_spent == 0 and hash(plan) == hash(plan.with_steps(5))
+
+
+# ---------------------------------------------------------------- edges the review found
+
+
+def test_truncated_poisson_accounts_the_larger_add_remove_neighbour():
+    # dp-accounting's event with dataset_size=n models n - 1 other records; the neighbour
+    # with N + 1 records needs n = N + 1 (epsilon grows with n: 20.02 vs 20.20 at N = 200,
+    # q = 0.1, sigma = 1, T = 500, M = 30 in the review).
+    kwargs = dict(sampling="truncated_poisson", dataset_size=200, max_batch_size=30)
+    event = dputil.training_dp_event(1.0, 0.1, 50, **kwargs)
+    assert event.event.dataset_size == 201
+    substitute = dputil.training_dp_event(1.0, 0.1, 50, relation="substitute", **kwargs)
+    assert substitute.event.dataset_size == 200
+    below = dputil.compute_epsilon(1.0, 1e-5, 0.1, 50, **{**kwargs, "dataset_size": 199})
+    assert dputil.compute_epsilon(1.0, 1e-5, 0.1, 50, **kwargs) > below
+
+
+@pytest.mark.parametrize("sigma", [1e-160, 1e-300])
+def test_tiny_noise_gives_inf_not_an_overflow(sigma):
+    assert dputil.compute_epsilon(sigma, 1e-5, 0.1, 10) == float("inf")
+    assert dputil.compute_epsilon(sigma, 1e-5, 0.1, 10, accountant="rdp") == float("inf")
+    assert dputil.compute_delta(sigma, 10.0, 0.1, 10) == 1.0
+
+
+def test_calibrating_a_huge_epsilon_answers_in_seconds():
+    import time
+
+    start = time.perf_counter()
+    budget = PrivacyBudget.calibrate(1e6, 1e-5, 0.01, 100, 1.0)
+    assert time.perf_counter() - start < 30  # was unbounded (each step down in sigma ~16x)
+    assert dputil.compute_epsilon(budget.noise_multiplier, 1e-5, 0.01, 100) <= 1e6
+
+
+def test_below_the_accounted_sigma_the_gaussian_bound_is_an_upper_bound():
+    # just above the threshold the PLD accountant runs; the bound below it must not be
+    # smaller (it covers every sampling and relation with sensitivity 2C)
+    above = dputil.compute_epsilon(0.0501, 1e-5, 1.0, 3, sampling="full_batch")
+    below = dputil.compute_epsilon(0.0499, 1e-5, 1.0, 3, sampling="full_batch")
+    assert below >= above
+
+
+def test_max_batch_size_above_n_is_refused():
+    x, y = data()
+    with pytest.raises(ValueError, match=r"max_batch_size must be in \[1, 200\]"):
+        minibatch.poisson_batchify_data((x, y), 0.1, 201)
+    with pytest.raises(ValueError, match=r"max_batch_size must be in \[1, 200\]"):
+        PrivacyPlan.poisson(N, 0.1, 1.0, 1.0, 5, max_batch_size=1000)
+    with pytest.raises(ValueError, match=r"max_batch_size must be in \[1, 200\]"):
+        make().run(debug.PRNGKey(0), 1, x, y, q=0.1, max_batch_size=500, **RUN)
+
+
+def test_float_masks_are_refused():
+    x, y = data()
+    dpsvi = make()
+    state = dpsvi.init(debug.PRNGKey(0), x[:4], y[:4])
+    with pytest.raises(TypeError, match="mask must be boolean"):
+        dpsvi.update(state, x[:4], y[:4], mask=jnp.array([1.0, 0.5, 0.0, 1.0]))
+
+
+def test_two_to_the_31_records_are_refused_before_any_copy():
+    rows = np.broadcast_to(np.zeros((1, 1), np.float32), (2**31, 1))  # a view, no memory
+    with pytest.raises(ValueError, match="at most 2\\*\\*31 - 1"):
+        minibatch.poisson_batchify_data((rows,), 1e-6, 10)
+    with pytest.raises(ValueError, match="at most 2\\*\\*31 - 1"):
+        make().run(debug.PRNGKey(0), 1, rows, rows[:, 0], q=1e-6, **RUN)
+    with pytest.raises(ValueError, match="at most 2\\*\\*31 - 1"):
+        PrivacyPlan.poisson(2**31, 1e-6, 1.0, 1.0, 5)
+
+
+def test_d3p_modules_import_one_way():
+    # no import circle among d3p's modules (imports at module level and in functions)
+    import ast
+    import pathlib
+
+    root = pathlib.Path(d3p.random.__file__).parents[1]
+    graph = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(path.relative_to(root.parent).with_suffix("").parts)
+        name = name.removesuffix(".__init__")
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("d3p"):
+                deps.add(node.module)
+                deps.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.startswith("d3p"))
+        graph[name] = deps
+    graph = {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+    # a package importing its own submodules is not a circle (d3p.random -> d3p.random.chacha)
+    graph = {m: {d for d in deps if not d.startswith(m + ".")} for m, deps in graph.items()}
+    state = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for d in graph[m]:
+            assert state.get(d) != "open", f"import circle: {' -> '.join([*path, d])}"
+            if d not in state:
+                visit(d, [*path, d])
+        state[m] = "done"
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+    assert "d3p.dputil" not in graph["d3p._fourier_compat"]  # the circle issue 23 found
