@@ -505,7 +505,7 @@ def save(params, strategy, context):
     out = context.run_config["out"]
     np.savez(out + ".npz", **params)
     with open(out + ".json.part", "w") as f:
-        json.dump({{"silos": strategy.silos, "rounds": strategy.rounds}}, f)
+        json.dump({"silos": strategy.silos, "rounds": strategy.rounds}, f)
     os.replace(out + ".json.part", out + ".json")  # complete when it appears
 
 
