@@ -66,7 +66,7 @@ try:
     from flwr.serverapp.strategy.strategy_utils import sample_nodes
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        'd3p.federated needs Flower: pip install "d3p[federated]" (flwr[simulation]>=1.20)'
+        'd3p.federated needs Flower: pip install "d3p[federated]" (flwr[simulation]>=1.42)'
     ) from error
 
 __all__ = [
@@ -330,9 +330,11 @@ def _from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def _enable_compilation_cache(path: str | None) -> None:
-    """JAX's persistent compilation cache in ``path`` for this process (unless one is set):
-    every :meth:`DPSVI.run` traces its loop anew, and the cache turns the recompilation of
-    each later round into a lookup. The cache lives on the silo's own machine."""
+    """JAX's persistent compilation cache in ``path`` for this process (unless one is set).
+
+    Flower's deployment engine starts a new ClientApp process for every round, which would
+    compile the silo's DPSVI step anew; the cache turns that into a lookup. It lives on the
+    silo's own machine."""
     if path is None or jax.config.jax_compilation_cache_dir:
         return
     jax.config.update("jax_compilation_cache_dir", path)
@@ -455,13 +457,16 @@ def make_client_app(
 ) -> ClientApp:
     """The Flower ``ClientApp`` a silo runs: local DPSVI steps on the silo's own records.
 
-    In each round the silo receives the global unconstrained variational parameters,
-    takes ``local_steps`` :meth:`d3p.svi.DPSVI.run` steps from them on its own data
-    (continuing its own :class:`~d3p.svi.DPSVIState`, kept in the node's context, never
-    sent) and replies with its new unconstrained parameters and public metrics: its number
-    of records (the weight), its steps so far and the epsilon they spend. Before a round
-    that would take it over its budget it replies ``stopped`` without parameters, and
-    keeps doing so.
+    In each round the silo receives the global unconstrained variational parameters and
+    takes ``local_steps`` DPSVI steps from them on its own data: the Poisson batches of
+    its :class:`~d3p.plan.PrivacyPlan` (:meth:`~d3p.plan.PrivacyPlan.batcher`, drawn with
+    the silo's secret key, fresh each round), each a :meth:`d3p.svi.DPSVI.update` (clipped
+    per-record gradients, noise from :mod:`d3p.random`), continuing its own
+    :class:`~d3p.svi.DPSVIState` (kept in the node's context, never sent; the optimiser
+    state restarts at the global parameters). It replies with its new unconstrained
+    parameters and public metrics: its number of records (the weight), its steps so far
+    and the epsilon of its plan of all of them. Before a round that would take it over its
+    budget it replies ``stopped`` without parameters, and keeps doing so.
 
     Parameters
     ----------
@@ -482,7 +487,8 @@ def make_client_app(
         a fresh secret key. A fixed seed makes runs reproducible and must then be secret.
     compilation_cache_dir : str, optional
         Use JAX's persistent compilation cache there (if the process has none), so rounds
-        after the first reuse the compiled loop. It is on the silo's own machine.
+        run in new processes (Flower's deployment engine) reuse the compiled step. It is on
+        the silo's own machine.
     **static_kwargs
         Public keyword arguments of model and guide (e.g. ``num_obs_total``).
     """
@@ -839,6 +845,10 @@ def train_federated(
         with _quiet_flower(verbose), warnings.catch_warnings(), bar:
             if not verbose:
                 warnings.simplefilter("ignore", DeprecationWarning)
+                # Ray starts its daemons with fork + exec (harmless for JAX, which warns
+                # about any fork), and tells about a future default of its own
+                warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
+                warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
             run_simulation(server, client, k, backend_config=backend_config)
     if "params" not in box:
         raise RuntimeError("the Flower simulation ended without a result (see its log)")
