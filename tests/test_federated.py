@@ -77,14 +77,11 @@ def silo_data(seed: int, n: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
     return X, y
 
 
-def test_log_likelihood(params: dict, data: tuple) -> float:
+def plugin_log_likelihood(params: dict, data: tuple) -> float:
     """Mean log p(y | x, w = posterior mean) per record (plug-in)."""
     X, y = data
     logits = X @ np.asarray(params["auto_loc"], np.float64)
     return float(np.mean(y * -np.logaddexp(0, -logits) + (1 - y) * -np.logaddexp(0, logits)))
-
-
-test_log_likelihood.__test__ = False  # a helper, not a test
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,7 +287,9 @@ def test_one_silo_spends_and_learns_like_dpsvi_run():
     fed, run = np.asarray(params["auto_loc"]), np.asarray(result.params["auto_loc"])
     assert np.max(np.abs(fed - W)) < 0.35
     assert np.max(np.abs(run - W)) < 0.35
-    assert abs(test_log_likelihood(params, test) - test_log_likelihood(result.params, test)) < 0.01
+    assert (
+        abs(plugin_log_likelihood(params, test) - plugin_log_likelihood(result.params, test)) < 0.01
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,11 +419,46 @@ def test_three_silo_simulation_is_close_to_pooled_dpsvi():
     assert np.max(np.abs(fed_w - pooled_w)) < 0.3, (fed_w, pooled_w)
     assert np.max(np.abs(fed_w - W)) < 0.3
     fed_ll, pooled_ll = (
-        test_log_likelihood(result.params, test),
-        test_log_likelihood(run.params, test),
+        plugin_log_likelihood(result.params, test),
+        plugin_log_likelihood(run.params, test),
     )
     assert abs(fed_ll - pooled_ll) < 0.01, (fed_ll, pooled_ll)
     print(f"3-silo simulation: {seconds:.1f} s, rounds {[r['seconds'] for r in result.history]}")
+
+
+@pytest.mark.slow  # Ray's start and a compilation: about a minute on two shared cores
+def test_one_silo_simulation_spends_and_learns_like_dpsvi_run():
+    n, rounds, local, sigma = 1500, 5, 20, 1.0
+    data = silo_data(3, n, 0.0)
+    test = silo_data(4, 4000, 0.0)
+    result = federated.train_federated(
+        model,
+        GUIDE,
+        Adam(LR),
+        [data],
+        rounds,
+        local,
+        q=Q,
+        delta=DELTA,
+        clipping_threshold=C,
+        dp_scale=sigma,
+        seed=11,
+        progress_bar=False,
+        num_obs_total=n,
+    )
+    dpsvi = DPSVI(model, GUIDE, Adam(LR), numpyro.infer.Trace_ELBO(), C, sigma, num_obs_total=n)
+    run = dpsvi.run(
+        d3p.random.PRNGKey(11), rounds * local, *data, q=Q, delta=DELTA, progress_bar=False
+    )
+    assert result.epsilons == [pytest.approx(float(run.epsilon), rel=1e-12)]
+    assert result.steps == [rounds * local]
+    # tolerances as in test_one_silo_spends_and_learns_like_dpsvi_run
+    assert np.max(np.abs(result.params["auto_loc"] - W)) < 0.35
+    fed_ll, run_ll = (
+        plugin_log_likelihood(result.params, test),
+        plugin_log_likelihood(run.params, test),
+    )
+    assert abs(fed_ll - run_ll) < 0.01
 
 
 # --------------------------------------------------------------------------------------------
