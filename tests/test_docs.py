@@ -180,6 +180,7 @@ def test_python_blocks_run(page):
     assert ran + skipped > 0, page_id(page)
 
 
+@pytest.mark.slow  # 2000 steps on 10 000 records; the README's quickstart block runs by default
 def test_quickstart_script_runs(capsys):
     # docs/quickstart.rst includes this script; it must run from the repository root
     runpy.run_path(str(DOCS / "_scripts" / "quickstart.py"), run_name="__main__")
