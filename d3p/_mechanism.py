@@ -31,6 +31,7 @@ Functions take the :class:`~d3p.svi.DPSVI` whose model, guide, loss, optimiser,
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +42,8 @@ from jax.flatten_util import ravel_pytree
 from d3p import _clipping, _sharding
 from d3p._clipping import GlobalSample, add_examples_axis, linearised_global_sample
 from d3p._elbo_split import SiteLayout, classify_sites, elbo_terms, global_part, zero_examples
-from d3p.history import Mechanism
+from d3p.history import Mechanism, UnplannedStep
+from d3p.plan import PrivacyPlan
 
 
 def _abstract(tree: Any) -> Any:
@@ -62,6 +64,26 @@ def shape_key(tree: Any) -> tuple:
 # ---------------------------------------------------------------- per-example sites
 
 
+def check_components(dpsvi: Any, allow_none: bool = False) -> None:
+    """Validate model, guide and loss; ``None`` only fails when they are needed.
+
+    ``__init__`` allows ``None`` (d3p 0.2 code builds ``DPSVI(None, None, optim, None,
+    ...)`` to reuse the helpers and the state type, as :class:`numpyro.infer.SVI`
+    allows); :meth:`init` and :meth:`update` do not.
+    """
+    for name in ("model", "guide"):
+        value = getattr(dpsvi, name)
+        if not callable(value) and not (allow_none and value is None):
+            raise TypeError(f"{name} must be a callable NumPyro {name}, got {value!r}")
+    loss = dpsvi.per_example_loss
+    if allow_none and loss is None:
+        return
+    if not callable(getattr(loss, "loss", None)):
+        raise TypeError("per_example_loss must be a numpyro ELBO, e.g. Trace_ELBO()")
+    if getattr(loss, "sum_sites", True) is not True:
+        raise ValueError("per_example_loss must sum its sites (sum_sites=True)")
+
+
 def site_layout(dpsvi: Any, params: Any, args: tuple, kwargs: dict) -> SiteLayout:
     """Which sites are per-example, for these unconstrained params, batch and kwargs.
 
@@ -69,7 +91,7 @@ def site_layout(dpsvi: Any, params: Any, args: tuple, kwargs: dict) -> SiteLayou
     of the model, the guide, the shapes and dtypes of ``params``, ``args`` and array
     kwargs, and the other kwargs' values; cached on those in ``dpsvi._layouts``.
     """
-    dpsvi._check_components()
+    check_components(dpsvi)
     model, guide, cache = dpsvi._layouts
     if model is not dpsvi.model or guide is not dpsvi.guide:
         cache = {}
@@ -199,7 +221,57 @@ def _example_loss(
     return jnp.mean(_particles(dpsvi, particle, jax_key, global_values)) / obs_scale
 
 
+# ---------------------------------------------------------------- the normaliser
+
+
+def normaliser(dpsvi: Any, batch_size: int, mask: Any) -> float:
+    """The data-independent divisor of the noisy gradient sum of a batch (``mask`` as given
+    to :meth:`~d3p.svi.DPSVI.update`)."""
+    masked = mask is not None and jnp.ndim(mask) > 0
+    if dpsvi.expected_batch_size is not None:
+        return dpsvi.expected_batch_size
+    if not masked:
+        _warn_if_length_varies(dpsvi, batch_size)
+    if masked and not dpsvi._warned_normaliser:
+        dpsvi._warned_normaliser = True
+        warnings.warn(
+            "DPSVI.update got a mask but no expected_batch_size: the gradient is divided by "
+            f"the structural batch size {batch_size} (data-independent, but smaller steps "
+            "than intended). For Poisson batches pass expected_batch_size=q*N to DPSVI "
+            "(DPSVI.run does this).",
+            UserWarning,
+            stacklevel=3,
+        )
+    return float(batch_size)
+
+
+def _warn_if_length_varies(dpsvi: Any, batch_size: int) -> None:
+    """Warn once when unmasked batches change length: the divisor then is the realised
+    batch size, which leaks it if the batch was sampled (d3p 0.2's leak)."""
+    first = dpsvi._first_batch_size
+    if first is None:
+        dpsvi._first_batch_size = batch_size
+    elif batch_size != first and not dpsvi._warned_lengths:
+        dpsvi._warned_lengths = True
+        warnings.warn(
+            f"DPSVI.update got unmasked batches of different lengths ({first}, then "
+            f"{batch_size}) and no expected_batch_size: each step is divided by its own "
+            "batch length, which reveals the realised size of a sampled batch. Pad "
+            "batches to one length, pass mask=... for the real rows and "
+            "expected_batch_size=q*N to DPSVI (or use DPSVI.run / a d3p.plan.PrivacyPlan).",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 # ---------------------------------------------------------------- the step
+
+
+def update_mechanism(dpsvi: Any) -> PrivacyPlan | UnplannedStep:
+    """What the history records for a step of :meth:`update`: the plan's, if any."""
+    if dpsvi.plan is not None:
+        return dpsvi.plan.with_steps(1)
+    return UnplannedStep(dpsvi.clipping_threshold, dpsvi.dp_scale)
 
 
 def _inputs(dpsvi: Any, state: Any, args: tuple, kwargs: dict) -> tuple:

@@ -11,6 +11,7 @@ N(0, (sigma C)^2) per coordinate whatever the number of devices.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -56,13 +57,46 @@ def context_shards() -> int:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or DATA_AXIS not in mesh.axis_names:
         return 1
-    if mesh.axis_types[mesh.axis_names.index(DATA_AXIS)] != AxisType.Auto:
-        raise ValueError(
-            f"the mesh axis {DATA_AXIS!r} in context must be of type AxisType.Auto (DPSVI "
-            "leaves the sharding of its per-example work to the XLA partitioner); make the "
-            "mesh with jax.make_mesh(..., axis_types=(AxisType.Auto, ...))"
-        )
     return int(mesh.shape[DATA_AXIS])
+
+
+def _explicit_context() -> bool:
+    """Whether the mesh in context has an ``Explicit`` axis (``jax.make_mesh``'s default)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and AxisType.Explicit in mesh.axis_types
+
+
+def with_auto_axes(fn: Callable) -> Callable:
+    """``fn`` with the context mesh's axes treated as ``Auto`` inside it, outputs replicated.
+
+    DPSVI leaves the sharding of its per-example work to the XLA partitioner; under a mesh
+    with ``Explicit`` axes (the default of :func:`jax.make_mesh`), slicing a batch sharded
+    along ``"data"`` would be a sharding type error, so the step runs in
+    :func:`jax.sharding.auto_axes`. Without such a mesh, ``fn`` runs as it is.
+    """
+
+    def wrapped(*args: Any) -> Any:
+        if not _explicit_context():
+            return fn(*args)
+        return jax.sharding.auto_axes(fn, out_sharding=PartitionSpec())(*args)
+
+    return wrapped
+
+
+def check_no_explicit_without_mesh(args: tuple) -> None:
+    """Refuse batch arrays sharded along an ``Explicit`` mesh axis outside ``jax.set_mesh``."""
+    if not jax.sharding.get_abstract_mesh().empty:
+        return
+    for i, a in enumerate(args):
+        sharding = getattr(jax.typeof(a), "sharding", None) if a is not None else None
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is not None and not mesh.empty and AxisType.Explicit in mesh.axis_types:
+            if any(p is not None for p in sharding.spec):
+                raise ValueError(
+                    f"positional argument {i} is sharded along an Explicit mesh axis "
+                    f"({sharding.spec}); call DPSVI.update inside `with jax.set_mesh(mesh):` "
+                    "so that d3p can split its per-example work across the devices"
+                )
 
 
 def check_divisible(batch_size: int, shards: int) -> None:

@@ -13,6 +13,7 @@ device mesh when one is given. The private step itself is :mod:`d3p._mechanism`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import warnings
 from collections.abc import Callable
@@ -20,12 +21,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import tqdm
 
-from d3p import _mechanism, _sharding, _validation
+from d3p import _mechanism, _sharding, _validation, minibatch
 from d3p._elbo_split import zero_examples
-from d3p.history import PrivacyHistory, plans_dp_event, plans_epsilon, with_history
-from d3p.plan import PrivacyPlan
+from d3p.history import (
+    PrivacyHistory,
+    UnplannedStep,
+    plans_dp_event,
+    plans_epsilon,
+    with_history,
+)
+from d3p.plan import PrivacyBudget, PrivacyPlan
 
 # Most steps in one compiled chunk (their losses are buffered on the device), and the
 # number of progress-bar updates a run aims at.
@@ -86,7 +94,83 @@ def _is_array_tree(value: Any) -> bool:
     return bool(leaves) and all(isinstance(x, jax.Array) or hasattr(x, "__array__") for x in leaves)
 
 
+def call_compiled(
+    dpsvi: Any, name: str, fn: Callable, state: Any, args: tuple, kwargs: dict, *rest: Any
+) -> Any:
+    """``fn(dpsvi, state, args, kwargs, *rest)`` through a cached ``jax.jit``.
+
+    Called un-jitted in a Python loop, each step then reuses one compiled program per
+    input shape instead of recompiling its loops every call. Array-valued keyword
+    arguments are traced; the others (e.g. ``num_obs_total``) are static and must be
+    hashable, else the call runs un-jitted. A mechanism (a step's plan) at the end of
+    ``rest`` is static. Under a mesh with ``Explicit`` axes the call runs with them
+    ``Auto`` (:func:`d3p._sharding.with_auto_axes`).
+    """
+    split = split_kwargs(kwargs)
+    if split is None:
+        return fn(dpsvi, state, args, kwargs, *rest)
+    dynamic, static = split
+    statics = rest[-1:] if rest and isinstance(rest[-1], PrivacyPlan | UnplannedStep) else ()
+    traced = rest[: len(rest) - len(statics)]
+
+    def make() -> Callable:
+        return jax.jit(
+            _sharding.with_auto_axes(
+                lambda s, a, d, *t: fn(dpsvi, s, a, {**d, **dict(static)}, *t, *statics)
+            )
+        )
+
+    return cached(dpsvi, (name, static, statics), make)(state, args, dynamic, *traced)
+
+
 # ---------------------------------------------------------------- planning
+
+
+def check_governed(dpsvi: Any) -> None:
+    """Refuse a clipping threshold or noise changed away from the plan's or budget's."""
+    covered = dpsvi.plan or dpsvi.budget
+    if (dpsvi.clipping_threshold, dpsvi.dp_scale) != (
+        covered.clipping_threshold,
+        covered.noise_multiplier,
+    ):
+        raise ValueError(
+            f"clipping_threshold={dpsvi.clipping_threshold} and dp_scale={dpsvi.dp_scale} "
+            f"were changed from those of this DPSVI's plan or budget ({covered}); make a "
+            "new plan instead"
+        )
+
+
+def privacy_parameters(
+    clipping_threshold: Any,
+    dp_scale: Any,
+    expected_batch_size: Any,
+    plan: PrivacyPlan | PrivacyBudget | None,
+) -> tuple[float, float, float | None]:
+    """``(C, sigma, normaliser)`` of a DPSVI: from ``plan``, or from d3p 0.2's arguments."""
+    if plan is not None:
+        if not isinstance(plan, PrivacyPlan | PrivacyBudget):
+            raise TypeError(
+                f"plan must be a d3p.plan.PrivacyPlan or PrivacyBudget, got {type(plan).__name__}"
+            )
+        given = {"clipping_threshold": clipping_threshold, "dp_scale": dp_scale}
+        if isinstance(plan, PrivacyPlan):  # a budget leaves the normaliser open (N unknown)
+            given["expected_batch_size"] = expected_batch_size
+        if any(v is not None for v in given.values()):
+            raise TypeError(
+                f"give either plan or {' and '.join(given)}; the plan holds them: {plan}"
+            )
+        if isinstance(plan, PrivacyPlan):
+            expected_batch_size = plan.normaliser
+        clipping_threshold, dp_scale = plan.clipping_threshold, plan.noise_multiplier
+    if clipping_threshold is None or dp_scale is None:
+        raise TypeError("DPSVI needs clipping_threshold and dp_scale, or plan=PrivacyPlan(...)")
+    if expected_batch_size is not None:
+        expected_batch_size = _validation.real(expected_batch_size, "expected_batch_size", 0.0)
+    return (
+        _validation.real(clipping_threshold, "clipping_threshold", 0.0),
+        _validation.real(dp_scale, "dp_scale", 0.0, closed_low=True),
+        expected_batch_size,
+    )
 
 
 def plan_step(
@@ -99,7 +183,7 @@ def plan_step(
     """
     covered = dpsvi.plan or dpsvi.budget
     if covered is not None:
-        dpsvi._check_governed()
+        check_governed(dpsvi)
         if q is not None and q != covered.q:
             kind = "plan" if covered is dpsvi.plan else "budget"
             raise ValueError(
@@ -138,6 +222,142 @@ def plan_step(
             stacklevel=4,
         )
     return plan, delta
+
+
+# ---------------------------------------------------------------- accounting
+
+
+def accounted_plans(
+    dpsvi: Any,
+    q: Any,
+    num_epochs: Any,
+    num_iter: Any,
+    dataset_size: Any,
+    max_batch_size: Any,
+    state: Any,
+) -> list[PrivacyPlan]:
+    """The plans :meth:`get_epsilon` composes (empty if no step was taken)."""
+    covered = dpsvi.plan or dpsvi.budget
+    if covered is not None:
+        check_governed(dpsvi)
+        if q is not None and q != covered.q:
+            raise ValueError(f"this DPSVI's privacy plan or budget has q={covered.q}, got q={q}")
+        q = covered.q
+    if dpsvi.plan is not None:
+        if dataset_size not in (None, dpsvi.plan.dataset_size) or max_batch_size is not None:
+            raise ValueError(
+                "this DPSVI's plan sets the data-set size and the batch size: give "
+                f"neither (plan: {dpsvi.plan})"
+            )
+    if dpsvi.dp_scale == 0:
+        warn_not_private()
+
+    def sampled(step: UnplannedStep | None, n: int) -> PrivacyPlan:
+        c, sigma = (
+            (dpsvi.clipping_threshold, dpsvi.dp_scale)
+            if step is None
+            else (step.clipping_threshold, step.noise_multiplier)
+        )
+        if dpsvi.plan is not None:
+            return (
+                PrivacyPlan.poisson(
+                    dpsvi.plan.dataset_size, q, c, sigma, n, max_batch_size=dpsvi.plan.batch_size
+                )
+                if dpsvi.plan.sampling == "poisson"
+                else dpsvi.plan.with_steps(n)
+            )
+        size = max_batch_size
+        if dpsvi.budget is not None and dataset_size is not None and size is None:
+            size = dpsvi.budget.plan(dataset_size).batch_size  # what run draws
+        if q is None or dataset_size is None or size is None:
+            raise ValueError(
+                "how the batches were drawn is unknown: give q, dataset_size and "
+                "max_batch_size of the sampler that drew them (max_batch_size="
+                "dataset_size if batches were never truncated); got "
+                f"q={q!r}, dataset_size={dataset_size!r}, max_batch_size={max_batch_size!r}"
+            )
+        return PrivacyPlan.poisson(dataset_size, q, c, sigma, n, max_batch_size=size)
+
+    if state is None:
+        if (num_epochs is None) == (num_iter is None):
+            raise ValueError("give exactly one of num_epochs, num_iter and state")
+        if num_epochs is not None:
+            if q is None:
+                raise ValueError("num_epochs needs the sampling rate q, in (0, 1]")
+            num_iter = _validation.real(num_epochs, "num_epochs", 0.0) / q
+        steps = math.ceil(_validation.real(num_iter, "num_iter", 0.0))
+        return [sampled(None, steps)]
+    if num_epochs is not None or num_iter is not None:
+        raise ValueError("give exactly one of num_epochs, num_iter and state")
+    if state.history is None:
+        steps = int(state.num_steps)
+        with_history(state)  # warns
+        return [sampled(None, steps)] if steps else []
+    plans = state.history.plans(sampled)
+    for plan in plans:
+        if plan.sampling == "poisson" and (
+            (q is not None and plan.q != q)
+            or (dataset_size is not None and plan.dataset_size != dataset_size)
+            or (
+                max_batch_size is not None
+                and plan.batch_size
+                != minibatch.structural_batch_size(plan.dataset_size, plan.q, max_batch_size)
+            )
+        ):
+            raise ValueError(
+                f"the state's steps were taken with q={plan.q}, dataset_size="
+                f"{plan.dataset_size}, batch size {plan.batch_size} (its history records "
+                f"them); got q={q!r}, dataset_size={dataset_size!r}, "
+                f"max_batch_size={max_batch_size!r}"
+            )
+    return plans
+
+
+def warn_not_private() -> None:
+    warnings.warn(
+        "dp_scale is 0: no noise is added, the training is NOT differentially private "
+        "(epsilon is inf)",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def missing_plate_size(dpsvi: Any, kwargs: dict) -> ValueError | None:
+    """The error for a model called without its data-set size (a plate of size None)."""
+    try:
+        parameters = inspect.signature(dpsvi.model).parameters
+    except (TypeError, ValueError):
+        return None
+    given = {**kwargs, **dpsvi.static_kwargs}
+    missing = [
+        name
+        for name, p in parameters.items()
+        if p.default is None and given.get(name) is None and p.kind != p.VAR_POSITIONAL
+    ]
+    if not missing:
+        return None
+    return ValueError(
+        f"the model's data plate has no size: pass the number of records N as the "
+        f"model's keyword {' or '.join(map(repr, missing))} (e.g. DPSVI(..., "
+        f"{missing[-1]}=N)); it sets the likelihood's scale and must be the data-set size"
+    )
+
+
+def check_plate(dpsvi: Any, state: Any, n: int) -> None:
+    """Refuse a model whose data plate scales one example to other than ``n`` records.
+
+    A wrong data-set size (``num_obs_total``, ``N``) changes what the likelihood means
+    and the step size; :meth:`run` knows the number of records, so it checks.
+    """
+    if not dpsvi.clip_unscaled_observations:
+        return
+    scale = float(state.observation_scale)
+    if not math.isclose(scale, n, rel_tol=1e-6):
+        raise ValueError(
+            f"the model's data plate scales one example to {scale:g} records, but the "
+            f"data have {n}: pass the data-set size N={n} to the model (e.g. "
+            "num_obs_total=N, as the plate's size) "
+        )
 
 
 # ---------------------------------------------------------------- the loop
@@ -229,7 +449,7 @@ def run(
         state = dpsvi.init(rng_key, *zeros, init_params=init_params, **kwargs)
     else:
         state = init_state
-    dpsvi._check_plate(state, n)
+    check_plate(dpsvi, state, n)
     state = state._replace(  # counters as arrays (a d3p 0.2 state has plain ints)
         num_nonfinite_grads=jnp.asarray(state.num_nonfinite_grads, jnp.int32),
         num_steps=jnp.asarray(state.num_steps, jnp.int32),
@@ -255,15 +475,16 @@ def run(
             if done == 0:
                 bar.set_description_str("compiling" if progress_bar else None)
             state, buffer = fn(state, args, dynamic, count)
-            chunk_losses = buffer[:count]
+            chunk_losses = np.asarray(buffer)[:count]  # on the host: no program per length
             losses.append(chunk_losses)
             done += count
             if done == count:
                 bar.set_description_str("training")
                 bar.reset()
-            bar.set_postfix_str(f"loss {float(jnp.nanmean(chunk_losses)):.4g} (not private)")
+            bar.set_postfix_str(f"loss {float(np.nanmean(chunk_losses)):.4g} (not private)")
             bar.update(count)
     if covered is not None:
         covered.settle(state.history)
     params = dpsvi.get_params(state)
-    return params, state, jnp.concatenate(losses), epsilon, delta, plans_dp_event(plans)
+    losses = jnp.asarray(np.concatenate(losses))
+    return params, state, losses, epsilon, delta, plans_dp_event(plans)

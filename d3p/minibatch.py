@@ -470,6 +470,8 @@ def poisson_batchify_data(
     max_batch_size: int | float,
     handle_oversized_batch: str = "truncate",
     rng_suite: ModuleType = d3p.random,
+    *,
+    multiple_of: int = 1,
 ) -> tuple[BatchifierInit, BatchifierGetBatch]:
     """Poisson subsampling: every record enters a batch independently with probability ``q``.
 
@@ -504,12 +506,18 @@ def poisson_batchify_data(
         so high that this term is negligible, and add it to delta yourself.
     rng_suite : module
         :mod:`d3p.random` (secure, default) or :mod:`d3p.random.debug` (not secure).
+    multiple_of : int
+        Keyword-only. Pad every batch with masked-out rows to a multiple of this many rows
+        (e.g. the devices of a mesh's ``"data"`` axis). Truncation still happens at
+        ``max_batch_size`` rows, so the accounting is unchanged.
 
     Returns
     -------
     init : callable
         ``init(rng_key) -> (num_batches_per_epoch, state)``, with
         ``num_batches_per_epoch = N // int(q * N)`` (as d3p 0.2; ``N`` if ``q * N < 1``).
+        The state is the key itself: in a :class:`~d3p.svi.DPSVI` loop pass
+        ``dpsvi.batch_key(state)`` as the state of each step.
         May be called inside ``jit`` with a traced key.
     get_batch : callable
         ``get_batch(i, state) -> (batch, mask)``: the batch (tuple of arrays with
@@ -523,6 +531,7 @@ def poisson_batchify_data(
             f"handle_oversized_batch must be one of {OVERSIZED_MODES}, "
             f"got {handle_oversized_batch!r}"
         )
+    multiple_of = _check_count(multiple_of, "multiple_of", 1)
     plan = _hit_plan(n, q)
     if plan is None:
         thresholds = _size_thresholds(n, q, size)
@@ -547,9 +556,18 @@ def poisson_batchify_data(
         return num_batches, rng_key
 
     def get_batch(i: jax.Array | int, state: jax.Array) -> tuple[Dataset, jax.Array]:
-        return draw(arrays, thresholds, i, state)
+        return _pad_rows(*draw(arrays, thresholds, i, state), multiple_of)
 
     return init, get_batch
+
+
+def _pad_rows(batch: Dataset, mask: jax.Array, multiple_of: int) -> tuple[Dataset, jax.Array]:
+    """``batch`` and ``mask`` padded with masked-out zero rows to a multiple of rows."""
+    pad = -mask.shape[0] % multiple_of
+    if not pad:
+        return batch, mask
+    rows = tuple(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in batch)
+    return rows, jnp.pad(mask, (0, pad))
 
 
 @functools.partial(jax.jit, static_argnames=("size", "truncate", "length", "rng_suite"))
@@ -603,6 +621,8 @@ def subsample_batchify_data(
     with_replacement: bool = False,
     rng_suite: ModuleType = d3p.random,
     return_mask: bool = False,
+    *,
+    multiple_of: int = 1,
 ) -> tuple[BatchifierInit, BatchifierGetBatch]:
     """Fixed-size uniform subsampling: a fresh random batch of ``batch_size`` records per step.
 
@@ -631,12 +651,16 @@ def subsample_batchify_data(
         :mod:`d3p.random` (secure, default) or :mod:`d3p.random.debug` (not secure).
     return_mask : bool
         Also return an all-True mask, for an interface like the Poisson sampler's.
+    multiple_of : int
+        Keyword-only, with ``return_mask=True``: pad every batch with masked-out rows to
+        a multiple of this many rows (e.g. the devices of a mesh's ``"data"`` axis).
 
     Returns
     -------
     init : callable
         ``init(rng_key) -> (num_batches_per_epoch, state)`` with
-        ``num_batches_per_epoch = N // batch_size`` (at least 1).
+        ``num_batches_per_epoch = N // batch_size`` (at least 1). The state is the key
+        itself: in a :class:`~d3p.svi.DPSVI` loop pass ``dpsvi.batch_key(state)``.
     get_batch : callable
         ``get_batch(i, state) -> batch`` (or ``(batch, mask)``) for step ``i``.
     """
@@ -650,6 +674,9 @@ def subsample_batchify_data(
             UserWarning,
             stacklevel=2,
         )
+    multiple_of = _check_count(multiple_of, "multiple_of", 1)
+    if multiple_of > 1 and not return_mask:
+        raise ValueError("multiple_of pads batches with masked-out rows: pass return_mask=True")
     num_batches = max(1, n // size)
     draw = functools.partial(
         _subsample_batch,
@@ -663,7 +690,8 @@ def subsample_batchify_data(
         return num_batches, rng_key
 
     def get_batch(i: jax.Array | int, state: jax.Array) -> Any:
-        return draw(arrays, i, state)
+        batch = draw(arrays, i, state)
+        return _pad_rows(*batch, multiple_of) if return_mask else batch
 
     return init, get_batch
 

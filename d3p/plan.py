@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from types import ModuleType
 from typing import Any
 
@@ -192,6 +193,13 @@ class PrivacyPlan(_Ledger):
         )
         for name, value in fields.items():
             object.__setattr__(self, name, value)
+        if self.noise_multiplier == 0:
+            warnings.warn(
+                "noise_multiplier is 0: no noise is added, the run is NOT differentially "
+                "private (epsilon is inf)",
+                UserWarning,
+                stacklevel=3,
+            )
 
     @classmethod
     def poisson(
@@ -301,7 +309,9 @@ class PrivacyPlan(_Ledger):
 
     # ---------------------------------------------------------------- sampling
 
-    def batcher(self, dataset: tuple, rng_suite: ModuleType = d3p.random) -> tuple:
+    def batcher(
+        self, dataset: tuple, rng_suite: ModuleType = d3p.random, *, multiple_of: int = 1
+    ) -> tuple:
         """The batch sampler the plan is accounted for, over ``dataset``.
 
         Parameters
@@ -311,6 +321,10 @@ class PrivacyPlan(_Ledger):
         rng_suite : module
             :mod:`d3p.random` (secure, default) or :mod:`d3p.random.debug` (not secure):
             the source of batch membership.
+        multiple_of : int
+            Keyword-only. Pad every batch with masked-out rows to a multiple of this many
+            rows (e.g. the devices of a mesh's ``"data"`` axis); the accounting is
+            unchanged (padded rows contribute nothing).
 
         Returns
         -------
@@ -321,20 +335,25 @@ class PrivacyPlan(_Ledger):
             :attr:`batch_size` rows and the bool mask of its real rows.
         """
         arrays, n = _validation.batch(tuple(dataset))
+        multiple_of = _validation.count(multiple_of, "multiple_of", allow_float=False)
         if n != self.dataset_size:
             raise ValueError(
                 f"dataset has {n} records but the plan is for dataset_size={self.dataset_size}"
             )
         if self.sampling == "poisson":
             return minibatch.poisson_batchify_data(
-                arrays, self.q, self.batch_size, "truncate", rng_suite=rng_suite
+                arrays, self.q, self.batch_size, "truncate", rng_suite, multiple_of=multiple_of
             )
         if self.sampling == "fixed_size":
             return minibatch.subsample_batchify_data(
-                arrays, self.batch_size, rng_suite=rng_suite, return_mask=True
+                arrays,
+                self.batch_size,
+                rng_suite=rng_suite,
+                return_mask=True,
+                multiple_of=multiple_of,
             )
-        mask = jnp.ones(n, bool)
-        return (lambda rng_key: (1, rng_key)), (lambda i, state: (arrays, mask))
+        full = minibatch._pad_rows(arrays, jnp.ones(n, bool), multiple_of)
+        return (lambda rng_key: (1, rng_key)), (lambda i, state: full)
 
     # ---------------------------------------------------------------- calibration
 

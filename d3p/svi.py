@@ -10,9 +10,6 @@ deviation ``dp_scale * C`` is added before the optimiser sees the gradient.
 
 from __future__ import annotations
 
-import inspect
-import math
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -21,8 +18,9 @@ import jax.numpy as jnp
 from numpyro.infer import SVI, Trace_ELBO
 
 import d3p.random
-from d3p import _mechanism, _sharding, _training, _validation, minibatch
-from d3p.history import PrivacyHistory, UnplannedStep, plans_delta, plans_epsilon, with_history
+from d3p import _mechanism, _sharding, _training, _validation
+from d3p._gradients import clip_gradient, full_norm, normalize_gradient
+from d3p.history import PrivacyHistory, plans_delta, plans_epsilon, with_history
 from d3p.plan import PrivacyBudget, PrivacyPlan
 
 __all__ = [
@@ -33,69 +31,6 @@ __all__ = [
     "full_norm",
     "normalize_gradient",
 ]
-
-# --------------------------------------------------------------------------------------------
-# Gradient helpers
-# --------------------------------------------------------------------------------------------
-
-
-def full_norm(tree: Any, ord: int | float = 2) -> jax.Array:
-    """Norm of all leaves of ``tree`` taken together as one long vector.
-
-    Parameters
-    ----------
-    tree : pytree of arrays, or None
-        For example a gradient with one leaf per parameter site.
-    ord : int or float
-        Order of the vector norm (as :func:`jax.numpy.linalg.norm` for vectors).
-
-    Returns
-    -------
-    jax.Array
-        The scalar norm; ``0.`` for ``None`` or a tree without leaves.
-    """
-    leaves = [jnp.ravel(leaf) for leaf in jax.tree.leaves(tree)]
-    if not leaves:
-        return jnp.zeros(())
-    return jnp.linalg.norm(jnp.concatenate(leaves), ord=ord)
-
-
-def clip_gradient(tree: Any, c: float) -> Any:
-    """Scale ``tree`` so that its :func:`full_norm` is at most ``c``.
-
-    Every leaf is multiplied by ``min(1, c / full_norm(tree))``, so a tree whose norm is
-    below ``c`` (or any tree when ``c`` is ``inf``) is returned unchanged.
-
-    Parameters
-    ----------
-    tree : pytree of arrays
-        The gradient (all leaves together form one vector).
-    c : float
-        The clipping threshold, in ``(0, inf]``.
-
-    Returns
-    -------
-    pytree
-        The clipped tree, same structure and dtypes.
-
-    Raises
-    ------
-    ValueError
-        If ``c <= 0`` or ``c`` is NaN.
-    """
-    if not isinstance(c, jax.core.Tracer):  # a traced c (under jit) cannot be checked
-        _validation.real(c, "c", 0.0, math.inf, closed_high=True)
-    norm = full_norm(tree)
-    factor = jnp.where(norm > c, c / norm, 1.0)
-    return jax.tree.map(lambda x: (x * factor).astype(jnp.result_type(x)), tree)
-
-
-def normalize_gradient(tree: Any, ord: int | float = 2) -> Any:
-    """Scale ``tree`` to unit :func:`full_norm` of order ``ord`` (zero trees stay zero)."""
-    norm = full_norm(tree, ord)
-    factor = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 1.0)
-    return jax.tree.map(lambda x: (x * factor).astype(jnp.result_type(x)), tree)
-
 
 # --------------------------------------------------------------------------------------------
 # States and results
@@ -172,47 +107,6 @@ class DPSVIRunResult(NamedTuple):
     dp_event: Any = None
 
 
-def _num_iter(q: float, num_epochs: float | None, num_iter: float | None) -> float:
-    if (num_epochs is None) == (num_iter is None):
-        raise ValueError("give exactly one of num_epochs and num_iter")
-    if num_iter is not None:
-        return num_iter
-    return _validation.real(num_epochs, "num_epochs", 0.0) / _validation.probability(q)
-
-
-def _privacy_parameters(
-    clipping_threshold: Any,
-    dp_scale: Any,
-    expected_batch_size: Any,
-    plan: PrivacyPlan | PrivacyBudget | None,
-) -> tuple[float, float, float | None]:
-    """``(C, sigma, normaliser)`` of a DPSVI: from ``plan``, or from d3p 0.2's arguments."""
-    if plan is not None:
-        if not isinstance(plan, PrivacyPlan | PrivacyBudget):
-            raise TypeError(
-                f"plan must be a d3p.plan.PrivacyPlan or PrivacyBudget, got {type(plan).__name__}"
-            )
-        given = {"clipping_threshold": clipping_threshold, "dp_scale": dp_scale}
-        if isinstance(plan, PrivacyPlan):  # a budget leaves the normaliser open (N unknown)
-            given["expected_batch_size"] = expected_batch_size
-        if any(v is not None for v in given.values()):
-            raise TypeError(
-                f"give either plan or {' and '.join(given)}; the plan holds them: {plan}"
-            )
-        if isinstance(plan, PrivacyPlan):
-            expected_batch_size = plan.normaliser
-        clipping_threshold, dp_scale = plan.clipping_threshold, plan.noise_multiplier
-    if clipping_threshold is None or dp_scale is None:
-        raise TypeError("DPSVI needs clipping_threshold and dp_scale, or plan=PrivacyPlan(...)")
-    if expected_batch_size is not None:
-        expected_batch_size = _validation.real(expected_batch_size, "expected_batch_size", 0.0)
-    return (
-        _validation.real(clipping_threshold, "clipping_threshold", 0.0),
-        _validation.real(dp_scale, "dp_scale", 0.0, closed_low=True),
-        expected_batch_size,
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # DPSVI
 # --------------------------------------------------------------------------------------------
@@ -221,39 +115,24 @@ def _privacy_parameters(
 class DPSVI:
     """Differentially private stochastic variational inference (a drop-in for numpyro's SVI).
 
-    Each :meth:`update` computes, for every example (row) of the batch, the gradient of its
-    ELBO term with respect to the unconstrained variational parameters, clips each
-    per-example gradient (all parameters together) to L2 norm ``clipping_threshold``, sums
-    them, adds Gaussian noise of standard deviation ``dp_scale * clipping_threshold`` drawn
-    from ``rng_suite`` (the hardened sampler), divides by a data-independent normaliser and
-    multiplies by ``observation_scale``. The update is then (``dp_scale``, add/remove-one)
-    Gaussian-mechanism private with respect to one example of the batch; see
-    :meth:`get_epsilon` for the privacy of a whole run.
+    Each :meth:`update` clips every example's gradient (all parameters together) to L2 norm
+    ``clipping_threshold``, sums them, adds Gaussian noise of standard deviation
+    ``dp_scale * clipping_threshold`` from ``rng_suite``, and divides by a data-independent
+    normaliser: the Gaussian mechanism with noise multiplier ``dp_scale`` per step. The
+    released quantity and its sensitivity are stated in :mod:`d3p._mechanism`;
+    :meth:`get_epsilon` and :meth:`run` account for whole runs, from the state's history.
 
-    **What the clipping threshold bounds.** For ``per_example_loss=numpyro.infer.Trace_ELBO()``
-    the ELBO is split: the *data terms* (log-likelihood of the observed sites and the
-    log-density ratio of local latents inside the data plate) are clipped per example; the
-    *global terms* (prior and guide density of the global latents) do not depend on any
-    individual's data, so their gradient is computed once per step, on an all-zero stand-in
-    batch (so even a prior that wrongly reads the data cannot leak), and added after the
-    noise (post-processing, no privacy cost). All examples share one sample of the global
-    latents; local latents get per-example randomness. ``C`` therefore bounds only the data
-    terms. This differs from d3p 0.2, which clipped the whole per-example ELBO including the
-    prior and entropy terms (and drew separate global samples per example). Any other
-    ``per_example_loss`` (e.g. ``TraceMeanField_ELBO``, ``Trace_ELBO(multi_sample_guide=True)``)
-    uses the d3p 0.2 path: the whole loss of each example, with its own randomness, is
-    clipped.
+    **What C bounds.** With ``per_example_loss=Trace_ELBO()`` only the data terms
+    (likelihood and local latents in the data plate) are clipped per example; the global
+    terms (prior and guide of the global latents) are computed on an all-zero stand-in batch
+    and added after the noise, at no privacy cost. Other losses (e.g.
+    ``TraceMeanField_ELBO``) clip the whole per-example loss, as d3p 0.2 did.
 
-    **Normaliser.** The noisy sum is divided by a number that must not depend on the data:
-    ``expected_batch_size`` if given, else the structural batch size (the length of the batch
-    arrays, padding included). With fixed-size batches that is the batch size. With Poisson
-    batches (``mask`` given), set ``expected_batch_size = q * N``; :meth:`run` does this.
-    Passing a mask without ``expected_batch_size`` uses the structural batch size and warns
-    once. (d3p 0.2 divided by the realised number of valid rows, which leaks it.)
+    **Normaliser.** ``expected_batch_size`` (``q * N`` for Poisson batches; :meth:`run`
+    sets it), else the structural batch size. Never the realised batch size (d3p 0.2's leak).
 
-    **Non-finite gradients.** A per-example gradient containing NaN or infinity is replaced
-    by zero (a valid clipping to norm 0); the count is accumulated in
-    :attr:`DPSVIState.num_nonfinite_grads`.
+    **Non-finite gradients** of an example are replaced by zero (a valid clipping) and
+    counted in :attr:`DPSVIState.num_nonfinite_grads`.
 
     Parameters
     ----------
@@ -320,8 +199,8 @@ class DPSVI:
         chunk_size: int | None = None,
         **static_kwargs: Any,
     ):
-        self.clipping_threshold, self.dp_scale, self.expected_batch_size = _privacy_parameters(
-            clipping_threshold, dp_scale, expected_batch_size, plan
+        self.clipping_threshold, self.dp_scale, self.expected_batch_size = (
+            _training.privacy_parameters(clipping_threshold, dp_scale, expected_batch_size, plan)
         )
         self.plan = plan if isinstance(plan, PrivacyPlan) else None
         self.budget = plan if isinstance(plan, PrivacyBudget) else None
@@ -337,7 +216,7 @@ class DPSVI:
         self.rng_suite = rng_suite
         self.clip_unscaled_observations = bool(clip_unscaled_observations)
         self.static_kwargs = static_kwargs
-        self._check_components(allow_none=True)
+        _mechanism.check_components(self, allow_none=True)
         # numpyro's SVI validates/wraps the optimiser and does the parameter initialisation.
         self._svi = SVI(model, guide, optim, per_example_loss, **static_kwargs)
         self.optim = self._svi.optim
@@ -349,25 +228,6 @@ class DPSVI:
         self._first_batch_size: int | None = None
         self._warned_lengths = False
         self._compiled: dict[str, tuple] = {}
-
-    def _check_components(self, allow_none: bool = False) -> None:
-        """Validate model, guide and loss; ``None`` only fails when they are needed.
-
-        ``__init__`` allows ``None`` (d3p 0.2 code builds ``DPSVI(None, None, optim, None,
-        ...)`` to reuse the helpers and the state type, as :class:`numpyro.infer.SVI`
-        allows); :meth:`init` and :meth:`update` do not.
-        """
-        for name in ("model", "guide"):
-            value = getattr(self, name)
-            if not callable(value) and not (allow_none and value is None):
-                raise TypeError(f"{name} must be a callable NumPyro {name}, got {value!r}")
-        loss = self.per_example_loss
-        if allow_none and loss is None:
-            return
-        if not callable(getattr(loss, "loss", None)):
-            raise TypeError("per_example_loss must be a numpyro ELBO, e.g. Trace_ELBO()")
-        if getattr(loss, "sum_sites", True) is not True:
-            raise ValueError("per_example_loss must sum its sites (sum_sites=True)")
 
     # ---------------------------------------------------------------- public API
 
@@ -401,13 +261,13 @@ class DPSVI:
             With an empty :class:`~d3p.history.PrivacyHistory` that will record this
             DPSVI's steps.
         """
-        self._check_components()
+        _mechanism.check_components(self)
         args, _ = _validation.batch(args)
         init_key, state_key = _mechanism.init_keys(self.rng_suite, rng_key)
         try:
             svi_state = self._svi.init(init_key, *args, init_params=init_params, **kwargs)
         except TypeError as error:
-            raise self._missing_plate_size(kwargs) or error from error
+            raise _training.missing_plate_size(self, kwargs) or error from error
         if svi_state.mutable_state is not None:
             raise ValueError(
                 "DPSVI does not support models with mutable state (numpyro.mutable sites): "
@@ -416,7 +276,7 @@ class DPSVI:
         params = self.optim.get_params(svi_state.optim_state)
         layout = _mechanism.site_layout(self, params, args, kwargs)
         scale = layout.observation_scale if self.clip_unscaled_observations else 1.0
-        history = PrivacyHistory.start().record(self._update_mechanism(), 0)
+        history = PrivacyHistory.start().record(_mechanism.update_mechanism(self), 0)
         return DPSVIState(
             svi_state.optim_state,
             state_key,
@@ -470,12 +330,13 @@ class DPSVI:
         """
         svi_state = with_history(svi_state)
         args, batch_size = _validation.batch(args)
+        _sharding.check_no_explicit_without_mesh(args)
         _sharding.check_divisible(batch_size, _sharding.context_shards())
         mask_array = _validation.mask(mask, batch_size)
-        normaliser = self._normaliser(batch_size, masked=mask is not None and jnp.ndim(mask) > 0)
-        step = self._update_mechanism()
-        return self._call_compiled(
-            "update", _mechanism.update, svi_state, args, kwargs, mask_array, normaliser, step
+        normaliser = _mechanism.normaliser(self, batch_size, mask)
+        step = _mechanism.update_mechanism(self)
+        return _training.call_compiled(
+            self, "update", _mechanism.update, svi_state, args, kwargs, mask_array, normaliser, step
         )
 
     def evaluate(
@@ -488,9 +349,9 @@ class DPSVI:
         """
         args, batch_size = _validation.batch(args)
         mask_array = _validation.mask(mask, batch_size)
-        normaliser = self._normaliser(batch_size, masked=mask is not None and jnp.ndim(mask) > 0)
-        return self._call_compiled(
-            "evaluate", _mechanism.evaluate, svi_state, args, kwargs, mask_array, normaliser
+        normaliser = _mechanism.normaliser(self, batch_size, mask)
+        return _training.call_compiled(
+            self, "evaluate", _mechanism.evaluate, svi_state, args, kwargs, mask_array, normaliser
         )
 
     def get_epsilon(
@@ -521,7 +382,9 @@ class DPSVI:
         :func:`d3p.dputil.compute_epsilon`.
         """
         return plans_epsilon(
-            self._accounted_plans(q, num_epochs, num_iter, dataset_size, max_batch_size, state),
+            _training.accounted_plans(
+                self, q, num_epochs, num_iter, dataset_size, max_batch_size, state
+            ),
             target_delta,
         )
 
@@ -538,96 +401,11 @@ class DPSVI:
     ) -> float:
         """Privacy spent: delta at ``target_epsilon`` (see :meth:`get_epsilon`); 1 if no noise."""
         return plans_delta(
-            self._accounted_plans(q, num_epochs, num_iter, dataset_size, max_batch_size, state),
+            _training.accounted_plans(
+                self, q, num_epochs, num_iter, dataset_size, max_batch_size, state
+            ),
             target_epsilon,
         )
-
-    def _accounted_plans(
-        self,
-        q: Any,
-        num_epochs: Any,
-        num_iter: Any,
-        dataset_size: Any,
-        max_batch_size: Any,
-        state: DPSVIState | None,
-    ) -> list[PrivacyPlan]:
-        """The plans :meth:`get_epsilon` composes (empty if no step was taken)."""
-        covered = self.plan or self.budget
-        if covered is not None:
-            self._check_governed()
-            if q is not None and q != covered.q:
-                raise ValueError(
-                    f"this DPSVI's privacy plan or budget has q={covered.q}, got q={q}"
-                )
-            q = covered.q
-        if self.plan is not None:
-            if dataset_size not in (None, self.plan.dataset_size) or max_batch_size is not None:
-                raise ValueError(
-                    "this DPSVI's plan sets the data-set size and the batch size: give "
-                    f"neither (plan: {self.plan})"
-                )
-        if self.dp_scale == 0:
-            _warn_not_private()
-
-        def sampled(step: UnplannedStep | None, n: int) -> PrivacyPlan:
-            c, sigma = (
-                (self.clipping_threshold, self.dp_scale)
-                if step is None
-                else (step.clipping_threshold, step.noise_multiplier)
-            )
-            if self.plan is not None:
-                return (
-                    PrivacyPlan.poisson(
-                        self.plan.dataset_size, q, c, sigma, n, max_batch_size=self.plan.batch_size
-                    )
-                    if self.plan.sampling == "poisson"
-                    else self.plan.with_steps(n)
-                )
-            size = max_batch_size
-            if self.budget is not None and dataset_size is not None and size is None:
-                size = self.budget.plan(dataset_size).batch_size  # what run draws
-            if q is None or dataset_size is None or size is None:
-                raise ValueError(
-                    "how the batches were drawn is unknown: give q, dataset_size and "
-                    "max_batch_size of the sampler that drew them (max_batch_size="
-                    "dataset_size if batches were never truncated); got "
-                    f"q={q!r}, dataset_size={dataset_size!r}, max_batch_size={max_batch_size!r}"
-                )
-            return PrivacyPlan.poisson(dataset_size, q, c, sigma, n, max_batch_size=size)
-
-        if state is None:
-            if (num_epochs is None) == (num_iter is None):
-                raise ValueError("give exactly one of num_epochs, num_iter and state")
-            if num_epochs is not None:
-                if q is None:
-                    raise ValueError("num_epochs needs the sampling rate q, in (0, 1]")
-                num_iter = _validation.real(num_epochs, "num_epochs", 0.0) / q
-            steps = math.ceil(_validation.real(num_iter, "num_iter", 0.0))
-            return [sampled(None, steps)]
-        if num_epochs is not None or num_iter is not None:
-            raise ValueError("give exactly one of num_epochs, num_iter and state")
-        if state.history is None:
-            steps = int(state.num_steps)
-            with_history(state)  # warns
-            return [sampled(None, steps)] if steps else []
-        plans = state.history.plans(sampled)
-        for plan in plans:
-            if plan.sampling == "poisson" and (
-                (q is not None and plan.q != q)
-                or (dataset_size is not None and plan.dataset_size != dataset_size)
-                or (
-                    max_batch_size is not None
-                    and plan.batch_size
-                    != minibatch.structural_batch_size(plan.dataset_size, plan.q, max_batch_size)
-                )
-            ):
-                raise ValueError(
-                    f"the state's steps were taken with q={plan.q}, dataset_size="
-                    f"{plan.dataset_size}, batch size {plan.batch_size} (its history records "
-                    f"them); got q={q!r}, dataset_size={dataset_size!r}, "
-                    f"max_batch_size={max_batch_size!r}"
-                )
-        return plans
 
     @classmethod
     def make_private_with_epsilon(
@@ -705,24 +483,23 @@ class DPSVI:
     ) -> DPSVIRunResult:
         """Train for ``num_steps`` private steps on Poisson-sampled minibatches of ``args``.
 
-        Each step draws a batch with :func:`d3p.minibatch.poisson_batchify_data` (every
-        record independently with probability ``q``, from ``rng_suite``; oversized draws
-        are truncated to ``max_batch_size`` uniformly chosen records) and calls
-        :meth:`update` with the normaliser ``q * N``. With a ``plan`` (see :class:`DPSVI`)
-        the batches, the normaliser and the accounting are the plan's. Steps run in jitted
-        chunks with a tqdm progress bar. The parameters are initialised on an all-zero
-        stand-in batch, so initialisation sees no private data.
+        Each step draws a Poisson batch (every record independently with probability
+        ``q``; oversized draws truncated to ``max_batch_size`` random records) from the
+        state's key, and takes :meth:`update`'s step with the normaliser ``q * N``; with a
+        ``plan``, the plan's batches and normaliser. The parameters are initialised on an
+        all-zero stand-in batch (no private data). Steps run in jitted chunks, compiled
+        once per shape and reused by later runs, under a progress bar.
 
-        The run is accounted as a :class:`~d3p.plan.PrivacyPlan` of all steps in the
-        state, those of ``init_state`` included (counted in
-        :attr:`DPSVIState.num_steps`; the earlier steps are taken to have used the same
-        sampling). A DPSVI with a budget (:meth:`make_private_with_epsilon`) or a plan
-        refuses, before any work, a run that would take more steps than it covers.
+        A continued run (``init_state``) does not use ``rng_key``: all randomness comes
+        from the state, so ``run(k, a)`` then ``run(k2, b, init_state=...)`` equals
+        ``run(k, a + b)``. The reported epsilon composes the state's history with the new
+        steps, whatever their parameters. A plan or budget refuses, before any work, a run
+        that would take its data past the steps it covers (fresh runs count too).
 
         Parameters
         ----------
         rng_key
-            An ``rng_suite`` key (split for batch sampling and the updates).
+            An ``rng_suite`` key for :meth:`init` (unused with ``init_state``).
         num_steps : int
             Number of update steps.
         *args
@@ -744,25 +521,18 @@ class DPSVI:
         progress_bar : bool
             Show a tqdm progress bar (with the non-private average loss).
         init_state : DPSVIState, optional
-            Continue from this state instead of initialising.
+            Continue from this state (and its key and history) instead of initialising.
         init_params : dict, optional
             Initial constrained values of ``numpyro.param`` sites.
         mesh : jax.sharding.Mesh, optional
             Run on the devices of ``mesh`` (several processes too, after
-            :func:`jax.distributed.initialize`): each batch, padded with masked-out rows to
-            a multiple of the size of the mesh axis ``"data"``, is split along it. The batch
-            is drawn once from the replicated key and each device gathers its own rows. The
-            state, the keys and the noise are replicated (one noise draw per step, as on one
-            device); the data too, unless given as arrays already placed on the mesh (e.g.
-            rows split along ``"data"``). Same key, same result as without a mesh up to
-            summation order, and the same privacy accounting. Every process must pass the
-            same arguments.
+            :func:`jax.distributed.initialize`): each batch is padded with masked rows to a
+            multiple of the size of the mesh axis ``"data"`` and split along it; state,
+            keys and noise are replicated. Same key, same result and accounting as without
+            a mesh, up to summation order. Every process must pass the same arguments.
         check_finite : bool
-            If True (default), refuse data holding NaN or infinity with a ``ValueError``
-            before any work. Training would drop such records' non-finite gradients
-            (a valid clipping to zero, see :class:`DPSVI`) where d3p 0.2 turned the
-            parameters into NaN; the check makes bad data visible. The error is about
-            your own data and is not private: do not publish it. False skips the check.
+            If True (default), refuse data holding NaN or infinity (a ``ValueError`` about
+            your own data: not private) before any work.
         **kwargs
             Keyword arguments of model and guide (public).
 
@@ -790,136 +560,3 @@ class DPSVI:
                 check_finite=check_finite,
             )
         )
-
-    # ---------------------------------------------------------------- internals
-
-    def _update_mechanism(self) -> PrivacyPlan | UnplannedStep:
-        """What the history records for a step of :meth:`update`: the plan's, if any."""
-        if self.plan is not None:
-            return self.plan.with_steps(1)
-        return UnplannedStep(self.clipping_threshold, self.dp_scale)
-
-    def _check_governed(self) -> None:
-        """Refuse a clipping threshold or noise changed away from the plan's or budget's."""
-        covered = self.plan or self.budget
-        if (self.clipping_threshold, self.dp_scale) != (
-            covered.clipping_threshold,
-            covered.noise_multiplier,
-        ):
-            raise ValueError(
-                f"clipping_threshold={self.clipping_threshold} and dp_scale={self.dp_scale} "
-                f"were changed from those of this DPSVI's plan or budget ({covered}); make a "
-                "new plan instead"
-            )
-
-    def _missing_plate_size(self, kwargs: dict) -> ValueError | None:
-        """The error for a model called without its data-set size (a plate of size None)."""
-        try:
-            parameters = inspect.signature(self.model).parameters
-        except (TypeError, ValueError):
-            return None
-        given = {**kwargs, **self.static_kwargs}
-        missing = [
-            name
-            for name, p in parameters.items()
-            if p.default is None and given.get(name) is None and p.kind != p.VAR_POSITIONAL
-        ]
-        if not missing:
-            return None
-        return ValueError(
-            f"the model's data plate has no size: pass the number of records N as the "
-            f"model's keyword {' or '.join(map(repr, missing))} (e.g. DPSVI(..., "
-            f"{missing[-1]}=N)); it sets the likelihood's scale and must be the data-set size"
-        )
-
-    def _check_plate(self, state: DPSVIState, n: int) -> None:
-        """Refuse a model whose data plate scales one example to other than ``n`` records.
-
-        A wrong data-set size (``num_obs_total``, ``N``) changes what the likelihood means
-        and the step size; :meth:`run` knows the number of records, so it checks.
-        """
-        if not self.clip_unscaled_observations:
-            return
-        scale = float(state.observation_scale)
-        if not math.isclose(scale, n, rel_tol=1e-6):
-            raise ValueError(
-                f"the model's data plate scales one example to {scale:g} records, but the "
-                f"data have {n}: pass the data-set size N={n} to the model (e.g. "
-                "num_obs_total=N, as the plate's size) "
-            )
-
-    def _normaliser(self, batch_size: int, masked: bool) -> float:
-        """The data-independent divisor of the noisy gradient sum."""
-        if self.expected_batch_size is not None:
-            return self.expected_batch_size
-        if not masked:
-            self._warn_if_length_varies(batch_size)
-        if masked and not self._warned_normaliser:
-            self._warned_normaliser = True
-            warnings.warn(
-                "DPSVI.update got a mask but no expected_batch_size: the gradient is divided by "
-                f"the structural batch size {batch_size} (data-independent, but smaller steps "
-                "than intended). For Poisson batches pass expected_batch_size=q*N to DPSVI "
-                "(DPSVI.run does this).",
-                UserWarning,
-                stacklevel=3,
-            )
-        return float(batch_size)
-
-    def _warn_if_length_varies(self, batch_size: int) -> None:
-        """Warn once when unmasked batches change length: the divisor then is the realised
-        batch size, which leaks it if the batch was sampled (d3p 0.2's leak)."""
-        first = self._first_batch_size
-        if first is None:
-            self._first_batch_size = batch_size
-        elif batch_size != first and not self._warned_lengths:
-            self._warned_lengths = True
-            warnings.warn(
-                f"DPSVI.update got unmasked batches of different lengths ({first}, then "
-                f"{batch_size}) and no expected_batch_size: each step is divided by its own "
-                "batch length, which reveals the realised size of a sampled batch. Pad "
-                "batches to one length, pass mask=... for the real rows and "
-                "expected_batch_size=q*N to DPSVI (or use DPSVI.run / a d3p.plan.PrivacyPlan).",
-                UserWarning,
-                stacklevel=4,
-            )
-
-    def _call_compiled(
-        self, name: str, fn: Callable, state: DPSVIState, args: tuple, kwargs: dict, *rest: Any
-    ) -> Any:
-        """``fn(self, state, args, kwargs, *rest)`` through a cached ``jax.jit``.
-
-        Called un-jitted in a Python loop, each step then reuses one compiled program per
-        input shape instead of recompiling its loops every call. Array-valued keyword
-        arguments are traced; the others (e.g. ``num_obs_total``) are static and must be
-        hashable, else the call runs un-jitted. ``rest[-1]`` may be static (a mechanism).
-        """
-        split = _training.split_kwargs(kwargs)
-        if split is None:
-            return fn(self, state, args, kwargs, *rest)
-        dynamic, static = split
-        *traced, last = rest
-        if isinstance(last, PrivacyPlan | UnplannedStep):
-            compiled = _training.cached(
-                self,
-                (name, static, last),
-                lambda: jax.jit(
-                    lambda s, a, d, *t: fn(self, s, a, {**d, **dict(static)}, *t, last)
-                ),
-            )
-            return compiled(state, args, dynamic, *traced)
-        compiled = _training.cached(
-            self,
-            (name, static),
-            lambda: jax.jit(lambda s, a, d, *t: fn(self, s, a, {**d, **dict(static)}, *t)),
-        )
-        return compiled(state, args, dynamic, *rest)
-
-
-def _warn_not_private() -> None:
-    warnings.warn(
-        "dp_scale is 0: no noise is added, the training is NOT differentially private "
-        "(epsilon is inf)",
-        UserWarning,
-        stacklevel=4,
-    )

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+import textwrap
 import warnings
 
 MODE = sys.argv[1]
@@ -212,9 +213,43 @@ def check_errors(mesh):
     return errors
 
 
+def check_docs_recipe():
+    """The own-loop recipe of docs/guide/scaling.rst, as written, on the default mesh of
+    jax.make_mesh (Explicit axes), with the docs tests' prelude (tests/test_docs.py)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    tree = ast.parse((root / "tests" / "test_docs.py").read_text())
+    prelude = next(
+        node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "PRELUDE"
+    )
+    page = (root / "docs" / "guide" / "scaling.rst").read_text()
+    section = page[page.index("Your own loop\n") : page.index("Several hosts\n")]
+    blocks = re.findall(
+        r"^\.\. (?:code-block|invisible-code-block): python\n\n((?:   .*\n|\n)+)",
+        section,
+        flags=re.M,
+    )
+    namespace = {}
+    exec(prelude, namespace)
+    for block in blocks:
+        exec(textwrap.dedent(block), namespace)
+    return {
+        "recipe_blocks": len(blocks),
+        "recipe_devices": namespace["mesh"].devices.size,
+        "recipe_axis_types": [str(t) for t in namespace["mesh"].axis_types],
+        "recipe_epsilon": namespace["epsilon"],
+        "recipe_steps": int(namespace["state"].num_steps),
+    }
+
+
 def checks():
     mesh = Mesh(np.array(jax.devices()), ("data",))
     return {
+        **check_docs_recipe(),
         **check_run(mesh),
         **check_update(mesh),
         **check_gather(mesh),
