@@ -21,8 +21,8 @@ log-likelihood (mean log posterior-predictive probability per test record) on he
 records drawn from all three silos' populations. The data are synthetic (no download;
 the features need no data-dependent pre-processing).
 
-Run ``python examples/federated.py --help`` for the options; ``--plot PATH`` saves a bar
-chart of the scores.
+Run ``python examples/federated.py --help`` for the options; ``--plot PATH`` saves a plot of
+the scores.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import d3p.random
 from d3p.federated import train_federated
 from d3p.svi import DPSVI
 
-D = 5  # features
+D = 10  # features
 
 
 class Settings(NamedTuple):
@@ -56,7 +56,7 @@ class Settings(NamedTuple):
     learning_rate: float
 
 
-DEFAULT = Settings((1000, 3000, 6000), 20, 50, 0.02, 2.0, 2e-2)
+DEFAULT = Settings((500, 1500, 3000), 20, 50, 0.02, 2.0, 2e-2)
 SMOKE = Settings((400, 1000, 2000), 3, 20, 0.05, 2.0, 5e-2)
 
 
@@ -126,7 +126,7 @@ def fit_dpsvi(data: tuple, settings: Settings, epsilon: float, delta: float, see
 
 
 def plot(path: str, rows: dict, title: str) -> None:
-    """Bar chart of test accuracy and log-likelihood per method."""
+    """Test accuracy and log-likelihood per method (one point each)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,9 +140,11 @@ def plot(path: str, rows: dict, title: str) -> None:
         (axes[1], "log_likelihood", "test log-likelihood per record (nats)"),
     ):
         values = [rows[n][key] for n in names]
-        ax.bar(names, values, color=colors)
-        low = min(values)
-        ax.set_ylim(low - 0.1 * abs(low) - 0.02, max(values) + 0.02)
+        ax.scatter(names, values, s=80, c=colors, zorder=3)
+        for x, v in enumerate(values):
+            ax.annotate(f"{v:.3f}", (x, v), textcoords="offset points", xytext=(0, 8), ha="center")
+        span = max(values) - min(values) or 0.01
+        ax.set_ylim(min(values) - 0.2 * span, max(values) + 0.3 * span)
         ax.set_ylabel(label)
         ax.tick_params(axis="x", rotation=20)
         ax.grid(True, axis="y", alpha=0.3)
@@ -157,7 +159,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epsilon", type=float, default=1.0, help="epsilon per record (default 1)")
     parser.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5)")
     parser.add_argument("--smoke", action="store_true", help="a short run for CI")
-    parser.add_argument("--plot", metavar="PATH", help="save a bar chart of the scores (PNG)")
+    parser.add_argument("--plot", metavar="PATH", help="save a plot of the scores (PNG)")
     args = parser.parse_args(argv)
     if not args.epsilon > 0:
         parser.error(f"--epsilon must be positive, got {args.epsilon}")

@@ -672,3 +672,27 @@ def test_deployment_engine_superlink_and_two_supernodes(tmp_path):
         assert silo["epsilon"] == plan.epsilon(DELTA)
     with np.load(tmp_path / "result.npz") as params:
         assert np.all(np.isfinite(params["auto_loc"]))
+
+
+@pytest.mark.slow  # the example's smoke run: a simulation and four DPSVI runs, 2-4 min
+def test_example_smoke(tmp_path):
+    """examples/federated.py at a large epsilon (little noise): every method spends at most
+    the target, and the federation is about as good as pooled DPSVI."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "federated.py"
+    spec = importlib.util.spec_from_file_location("d3p_example_federated", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    png = tmp_path / "federated.png"
+    result = example.main(["--smoke", "--epsilon", "30", "--plot", str(png)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(0 < eps <= 30 for eps in result["epsilons"])
+    rows = result["rows"]
+    assert all(0 < row["epsilon"] <= 30 for row in rows.values())
+    fed, pooled = rows["federated"], rows["pooled DPSVI"]
+    # 6000 test records: the standard error of an accuracy is at most 0.5 / sqrt(6000) =
+    # 0.0065; 0.03 allows for that, twice, and for the difference of two fits
+    assert fed["accuracy"] > pooled["accuracy"] - 0.03
+    assert fed["log_likelihood"] > pooled["log_likelihood"] - 0.03
