@@ -344,7 +344,9 @@ def update(
         rng_key=next_key,
         num_nonfinite_grads=jnp.asarray(state.num_nonfinite_grads, jnp.int32) + num_bad,
         num_steps=jnp.asarray(state.num_steps, jnp.int32) + 1,
-        history=state.history.record(mechanism),
+        # a d3p 0.2 state (no history) stays one, so its tree structure is kept in loops;
+        # its steps are counted in num_steps (get_epsilon then asks for their sampling)
+        history=None if state.history is None else state.history.record(mechanism),
     )
     return new_state, loss
 

@@ -31,6 +31,7 @@ from d3p.history import (
     UnplannedStep,
     plans_dp_event,
     plans_epsilon,
+    warn_if_no_history,
     with_history,
 )
 from d3p.plan import PrivacyBudget, PrivacyPlan
@@ -291,7 +292,7 @@ def accounted_plans(
         raise ValueError("give exactly one of num_epochs, num_iter and state")
     if state.history is None:
         steps = int(state.num_steps)
-        with_history(state)  # warns
+        warn_if_no_history(state, stacklevel=4)
         return [sampled(None, steps)] if steps else []
     plans = state.history.plans(sampled)
     for plan in plans:

@@ -143,17 +143,24 @@ class PrivacyHistory:
         return plans
 
 
-def with_history(state: Any, stacklevel: int = 3) -> Any:
-    """``state`` (a DPSVIState) with an empty history and a warning if it has none."""
+def warn_if_no_history(state: Any, stacklevel: int = 3) -> None:
+    """Warn that a DPSVIState without history (a d3p 0.2 state) has unknown earlier steps."""
     if state.history is not None:
-        return state
+        return
     warnings.warn(
         "this DPSVIState has no privacy history (a d3p 0.2 state, or one built by hand): "
         "its earlier steps, if any, are unknown and NOT included in the epsilon reported "
         "from now on; add their cost yourself",
         UserWarning,
-        stacklevel=stacklevel,
+        stacklevel=stacklevel + 1,
     )
+
+
+def with_history(state: Any, stacklevel: int = 3) -> Any:
+    """``state`` (a DPSVIState) with an empty history and a warning if it has none."""
+    if state.history is not None:
+        return state
+    warn_if_no_history(state, stacklevel + 1)
     return state._replace(history=PrivacyHistory.start())
 
 

@@ -128,8 +128,9 @@ class PrivacyPlan(_Ledger):
         ``"poisson"``: every record joins a step's batch independently with probability
         ``q``; a batch is an array of ``batch_size`` rows (padding masked out), and a
         draw of more than ``batch_size`` records keeps ``batch_size`` of them chosen
-        uniformly at random (accounted as truncated Poisson sampling; no truncation
-        cost when ``batch_size >= dataset_size``). ``"fixed_size"``: ``batch_size``
+        uniformly at random (accounted as truncated Poisson sampling, for the larger
+        neighbour of ``dataset_size + 1`` records under add/remove; with ``batch_size =
+        dataset_size`` that costs only when ``q`` is near 1). ``"fixed_size"``: ``batch_size``
         records drawn without replacement per step (accounted under the substitute
         relation only). ``"full_batch"``: every record in every step.
     dataset_size : int
@@ -248,7 +249,9 @@ class PrivacyPlan(_Ledger):
         )
         if self.sampling == "fixed_size":
             return {**run, "sampling": "fixed_size", "dataset_size": self.dataset_size}
-        if self.sampling == "poisson" and self.batch_size < self.dataset_size:
+        # never truncated only if the larger neighbour fits too (N + 1 under add/remove)
+        untruncated = self.dataset_size + (self.relation == "add_remove")
+        if self.sampling == "poisson" and self.batch_size < untruncated:
             return {
                 **run,
                 "sampling": "truncated_poisson",

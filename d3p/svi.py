@@ -20,7 +20,7 @@ from numpyro.infer import SVI, Trace_ELBO
 import d3p.random
 from d3p import _mechanism, _sharding, _training, _validation
 from d3p._gradients import clip_gradient, full_norm, normalize_gradient
-from d3p.history import PrivacyHistory, plans_delta, plans_epsilon, with_history
+from d3p.history import PrivacyHistory, plans_delta, plans_epsilon, warn_if_no_history
 from d3p.plan import PrivacyBudget, PrivacyPlan
 
 __all__ = [
@@ -328,7 +328,7 @@ class DPSVI:
             The negative ELBO estimate on the batch's valid rows, normalised like the
             gradient. It is NOT differentially private: do not publish it.
         """
-        svi_state = with_history(svi_state)
+        warn_if_no_history(svi_state)
         args, batch_size = _validation.batch(args)
         _sharding.check_no_explicit_without_mesh(args)
         _sharding.check_divisible(batch_size, _sharding.context_shards())
@@ -376,7 +376,7 @@ class DPSVI:
         other steps (a hand loop without a plan, or ``num_iter``/``num_epochs``) give
         ``q`` and ``dataset_size`` (N) and ``max_batch_size`` of the sampler that drew
         them (:func:`d3p.minibatch.poisson_batchify_data` truncates at it; an int, or a
-        quantile level in (0, 1); ``dataset_size`` for no truncation). With a plan or a
+        quantile level in (0, 1); ``dataset_size`` if never truncated). With a plan or a
         budget they default to its own, and values that contradict it are refused. For the
         epsilon of untruncated Poisson sampling without a data set, use
         :func:`d3p.dputil.compute_epsilon`.

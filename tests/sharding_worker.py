@@ -229,7 +229,7 @@ def check_docs_recipe():
     page = (root / "docs" / "guide" / "scaling.rst").read_text()
     section = page[page.index("Your own loop\n") : page.index("Several hosts\n")]
     blocks = re.findall(
-        r"^\.\. (?:code-block|invisible-code-block): python\n\n((?:   .*\n|\n)+)",
+        r"^\.\. (?:code-block::|invisible-code-block:) python\n\n((?:   .*\n|\n)+)",
         section,
         flags=re.M,
     )
@@ -240,7 +240,7 @@ def check_docs_recipe():
     return {
         "recipe_blocks": len(blocks),
         "recipe_devices": namespace["mesh"].devices.size,
-        "recipe_axis_types": [str(t) for t in namespace["mesh"].axis_types],
+        "recipe_axis_types": [t.name for t in namespace["mesh"].axis_types],
         "recipe_epsilon": namespace["epsilon"],
         "recipe_steps": int(namespace["state"].num_steps),
     }

@@ -203,10 +203,14 @@ def test_poisson_suppress_empties_exactly_oversized_draws(suite):
     assert _chi_square_pvalue(np.bincount(size_s, minlength=m + 1), expected) > P_REJECT
 
 
-def test_poisson_larger_max_than_records_never_oversized(suite):
-    init, get_batch = mb.poisson_batchify_data((jnp.arange(1, 6),), 1.0, 8, rng_suite=suite)
+def test_poisson_max_of_all_records_never_oversized(suite):
+    with pytest.raises(ValueError, match=r"max_batch_size must be in \[1, 5\]"):
+        mb.poisson_batchify_data((jnp.arange(1, 6),), 1.0, 8, rng_suite=suite)
+    init, get_batch = mb.poisson_batchify_data(
+        (jnp.arange(1, 6),), 1.0, 5, rng_suite=suite, multiple_of=4
+    )
     (rows,), mask = get_batch(0, init(suite.PRNGKey(0))[1])
-    np.testing.assert_array_equal(mask, [True] * 5 + [False] * 3)
+    np.testing.assert_array_equal(mask, [True] * 5 + [False] * 3)  # padded to 8 rows
     np.testing.assert_array_equal(np.sort(np.asarray(rows)[:5]), np.arange(1, 6))
 
 

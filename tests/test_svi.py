@@ -610,7 +610,7 @@ def classified(monkeypatch):
 def test_fresh_instance_steps_a_state_it_did_not_init(classified):
     # the site layout and the parameter constraints are derived from the model, the guide
     # and the shapes when a step needs them: no hidden state from init
-    x, y = data(n=200, seed=5)
+    x, y = data(n=N_TOTAL, seed=5)  # the model's plate size: run checks it
     made = make_autonormal_logreg()
     state = made.init(debug.PRNGKey(2), x[:B], y[:B])
     made_step = jax.jit(made.update)(state, x[:B], y[:B])
@@ -622,7 +622,7 @@ def test_fresh_instance_steps_a_state_it_did_not_init(classified):
 
 
 def test_run_from_a_state_on_a_fresh_instance_does_not_init(classified, monkeypatch):
-    x, y = data(n=200, seed=5)
+    x, y = data(n=N_TOTAL, seed=5)  # the model's plate size: run checks it
     made = make_autonormal_logreg()
     state = made.init(debug.PRNGKey(2), x[:B], y[:B])
     classified.clear()

@@ -287,7 +287,11 @@ def test_a_d3p_02_state_is_accepted_with_a_warning():
     old = type(state)(state.optim_state, state.rng_key, state.observation_scale)
     with pytest.warns(UserWarning, match="no privacy history"):
         new, _ = dpsvi.update(old, x[:4], y[:4])
-    assert new.history.num_steps == 1
+    # it stays a history-less state (same tree structure in lax loops), counting its steps
+    assert new.history is None and int(new.num_steps) == 1
+    with pytest.warns(UserWarning, match="no privacy history"):
+        eps = dpsvi.get_epsilon(1e-5, 0.02, state=new, dataset_size=N, max_batch_size=N)
+    assert eps == PrivacyPlan.poisson(N, 0.02, 1.0, 1.0, 1, max_batch_size=N).epsilon(1e-5)
 
 
 def test_plan_record_is_not_part_of_equality_or_repr():

@@ -260,5 +260,5 @@ def test_variable_length_unpadded_batches_warn_once():
     fixed = make(rng_suite=debug, expected_batch_size=6.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fixed._normaliser(8, masked=False)
-        fixed._normaliser(5, masked=False)
+        d3p._mechanism.normaliser(fixed, 8, True)
+        d3p._mechanism.normaliser(fixed, 5, True)
