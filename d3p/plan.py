@@ -20,6 +20,7 @@ from typing import Any
 
 import dp_accounting
 import jax.numpy as jnp
+from scipy import stats
 
 import d3p.random
 from d3p import _validation, dputil, minibatch
@@ -241,6 +242,13 @@ class PrivacyPlan(_Ledger):
 
     # ---------------------------------------------------------------- accounting
 
+    def _truncates(self) -> bool:
+        """Whether a batch can be truncated, for the larger neighbour too (N + 1 records
+        under add/remove): P(Binomial(n - 1, q) >= batch_size) > 0 in float64 for the
+        neighbour's n, the probability dp-accounting's truncated event tests."""
+        n = self.dataset_size + (self.relation == "add_remove")
+        return float(stats.binom.sf(self.batch_size - 1, n - 1, self.q)) > 0.0
+
     def accounting(self) -> dict:
         """The run as keyword arguments of :func:`d3p.dputil.compute_epsilon` (``sigma``
         included): the one source of the DpEvent, epsilon and delta."""
@@ -249,9 +257,7 @@ class PrivacyPlan(_Ledger):
         )
         if self.sampling == "fixed_size":
             return {**run, "sampling": "fixed_size", "dataset_size": self.dataset_size}
-        # never truncated only if the larger neighbour fits too (N + 1 under add/remove)
-        untruncated = self.dataset_size + (self.relation == "add_remove")
-        if self.sampling == "poisson" and self.batch_size < untruncated:
+        if self.sampling == "poisson" and self._truncates():
             return {
                 **run,
                 "sampling": "truncated_poisson",

@@ -164,7 +164,23 @@ def test_every_skip_names_its_reason(page):
         assert re.fullmatch(r"next\s+([\"']).{10,}\1", args), (page_id(page), args)
 
 
-@pytest.mark.parametrize("page", pages_with_python(), ids=page_id)
+# Pages that train several DPSVI objects (a compilation each, 8-36 s): in the slow run,
+# which CI runs too, to keep the default run under 10 minutes on 2 cores.
+SLOW_PAGES = {
+    "docs/guide/svi.rst",
+    "docs/guide/scaling.rst",
+    "docs/choosing_parameters.rst",
+    "docs/guide/modelling.rst",
+    "README.md",
+}
+
+
+def _page_param(page):
+    marks = [pytest.mark.slow] if page_id(page) in SLOW_PAGES else []
+    return pytest.param(page, id=page_id(page), marks=marks)
+
+
+@pytest.mark.parametrize("page", [_page_param(p) for p in pages_with_python()])
 def test_python_blocks_run(page):
     parser = RST if page.suffix == ".rst" else MARKDOWN
     document = parser.parse(page)

@@ -57,6 +57,7 @@ def checks():
     return _result(proc.stdout)
 
 
+@pytest.mark.slow  # the 4-device subprocess (checks): about a minute
 def test_run_with_mesh_equals_one_device(checks):
     assert checks["run_moved"] > 100 * REL_TOL  # the comparison can see a difference
     assert checks["run_rel_diff"] < REL_TOL
@@ -64,6 +65,7 @@ def test_run_with_mesh_equals_one_device(checks):
     assert checks["state_replicated"]
 
 
+@pytest.mark.slow  # the 4-device subprocess (checks): about a minute
 def test_each_device_gathers_its_rows(checks):
     for name in ("replicated", "split"):
         assert checks[f"gather_{name}_ok"]
@@ -77,11 +79,13 @@ def test_each_device_gathers_its_rows(checks):
     assert all(shape.startswith("s32") for shape, op in split if op == "all-gather"), split
 
 
+@pytest.mark.slow  # the 4-device subprocess (checks): about a minute
 def test_epsilon_unchanged_by_sharding(checks):
     assert checks["epsilon_1"] == checks["epsilon_4"]
     assert math.isfinite(checks["epsilon_1"])
 
 
+@pytest.mark.slow  # the 4-device subprocess (checks): about a minute
 @pytest.mark.parametrize("chunk_size", ["None", "5"])
 def test_jitted_update_on_sharded_batch(checks, chunk_size):
     assert checks[f"update_rel_diff_{chunk_size}"] < REL_TOL
@@ -92,6 +96,7 @@ def test_jitted_update_on_sharded_batch(checks, chunk_size):
     assert checks["control_gathers"], "the all-gather detector missed a gathered batch"
 
 
+@pytest.mark.slow  # the 4-device subprocess (checks): about a minute
 def test_noise_drawn_once_on_four_devices(checks):
     # one draw from the replicated key: identical to the single-device noise
     assert checks["noise_rel_diff"] < REL_TOL
@@ -101,6 +106,7 @@ def test_noise_drawn_once_on_four_devices(checks):
     assert abs(checks["noise_std"] / target - 1) < 5 / math.sqrt(2 * n)
 
 
+@pytest.mark.slow  # the 4-device subprocess (checks): about a minute
 def test_docs_own_loop_recipe_runs_on_four_devices_with_make_mesh_defaults(checks):
     # issue 25: the recipe failed inside the clipping with a ShardingTypeError under
     # jax.make_mesh's default (Explicit) axes, and on batches the mesh could not split
@@ -109,6 +115,7 @@ def test_docs_own_loop_recipe_runs_on_four_devices_with_make_mesh_defaults(check
     assert checks["recipe_steps"] == 3 and 0 < checks["recipe_epsilon"] < math.inf
 
 
+@pytest.mark.slow  # the 4-device subprocess (checks): about a minute
 def test_bad_mesh_errors(checks):
     assert "axis named 'data'" in checks["no_data_axis"]
     assert "6 rows" in checks["not_divisible"] and "4 devices" in checks["not_divisible"]

@@ -284,6 +284,7 @@ def spy_on_weighted_clipping(monkeypatch):
     [(AutoDiagonalNormal, True), (AutoMultivariateNormal, False)],
     ids=["mean-field-weighted", "full-covariance-exact"],
 )
+@pytest.mark.slow  # 10-19 s each
 def test_clipping_through_the_global_sample(monkeypatch, guide_class, weighted):
     # Per-example gradients reach the guide's parameters through the shared global sample
     # and the model parameter directly. Reference, from numpyro's Trace_ELBO with DPSVI's
@@ -343,6 +344,7 @@ def bnn_model(x, y, N=N_TOTAL, hidden=6):
         numpyro.sample("y", dist.Normal(mean, scale), obs=y)
 
 
+@pytest.mark.slow  # 13-30 s each: several compilations of both clipping paths
 @pytest.mark.parametrize("guide_class", [AutoDiagonalNormal, AutoNormal])
 def test_weighted_clipping_takes_the_exact_paths_steps(monkeypatch, guide_class):
     # The weighted path (per-example norms from diag(J J^T), weight matrices tapped, never
@@ -502,6 +504,7 @@ def test_all_false_mask_is_a_pure_noise_step():
     assert int(state.num_nonfinite_grads) == 0
 
 
+@pytest.mark.slow  # 8 s
 def test_chunked_equals_unchunked():
     x, y = data(n=11)
     guide = logreg_guide
@@ -655,6 +658,7 @@ def local_guide(x, N=N_TOTAL):
         numpyro.sample("z", dist.Normal(a * x, 0.8))
 
 
+@pytest.mark.slow  # 10 s
 def test_local_latents_classified_and_gradient_unbiased():
     x = jnp.asarray(np.random.default_rng(1).normal(size=6), jnp.float32)
     layout = classify_sites(

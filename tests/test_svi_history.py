@@ -91,6 +91,7 @@ def test_continuation_equals_one_long_run_and_ignores_its_key():
         assert second.epsilon == whole.epsilon and second.dp_event == whole.dp_event
 
 
+@pytest.mark.slow  # 5-8 s each
 @pytest.mark.parametrize("governed", ["plan", "budget"])
 def test_continuation_equals_one_long_run_under_a_plan_and_a_budget(governed):
     x, y = data()
@@ -122,6 +123,7 @@ def test_replay_detector_finds_no_repeated_batch(recorded):
     assert len(batches) >= 55 and len(set(batches)) == len(batches)
 
 
+@pytest.mark.slow  # 8 s: run and a hand loop
 def test_hand_loop_draws_from_the_state_as_run_does(recorded):
     x, y = data()
     plan = PrivacyPlan.poisson(N, 0.05, 1.0, 1.0, 5)
@@ -182,6 +184,7 @@ def test_continuation_accounts_the_earlier_steps_as_they_were():
     assert make().get_epsilon(1e-5, state=third.state) == third.epsilon
 
 
+@pytest.mark.slow  # 6 s
 def test_a_plan_refuses_a_state_with_other_steps():
     x, y = data()
     first = make(plan=PrivacyPlan.poisson(N, 0.05, 1.0, 0.6, 10)).run(
