@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import special, stats
+from scipy import stats
 
 import d3p.random as dr
 from d3p.random import _sampling, chacha
@@ -297,55 +297,147 @@ def test_hardened_normal_escapes_the_plain_value_set():
     assert np.mean(~np.isin(hardened, plain_set)) > 0.8
 
 
-def test_hardened_normal_construction():
-    # The sampler is pinned by recomputing it from the stream in float64: value i is
-    # (z(w[0, i]) + z(w[1, i])) / sqrt(2) for the words w = random_bits(key, 32, (2, n)),
-    # z(w) = ±sqrt(2) erfinv(u) with the top bit the sign and u the other 31 bits rounded
-    # down to 24 significant bits, times 2**-31. XLA's float32 erf_inv is less accurate
-    # than scipy's float64 one (measured max difference 1.1e-5 here, at |z| near 3); a
-    # wrong word, sign, scale or grid moves values by far more than the 1e-4 allowed.
-    key = dr.PRNGKey(11)
-    n = 4096
+def _box_muller_reference(words, nbits):
+    """float64 recomputation of a Box-Muller half pair from ``(q, angle)`` word arrays."""
+    wq, wa = (np.asarray(w).astype(object) for w in words)  # exact Python ints
+    q = (wq.astype(np.float64) + 0.5) * 2.0**-nbits
+    rho = np.sqrt(-np.log(q))
+    fbits = nbits - 3
+    k = (wa >> fbits).astype(np.int64)
+    phi = (wa & ((1 << fbits) - 1)).astype(np.float64) * 2.0**-fbits * np.pi / 4
+    theta = np.where(k % 2 == 0, k * np.pi / 4 + phi, (k + 1) * np.pi / 4 - phi)
+    return rho * np.cos(theta), rho * np.sin(theta)
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["float32", "float64"])
+def test_hardened_normal_construction(x64):
+    # The sampler is pinned by recomputing it from the stream in float64 (64-bit words:
+    # w[j] << 32 | w[j + 8] of each block): with b blocks, block i's 16 words are column i
+    # of W = stream.reshape(b, 16).T; rows split in four (q and angle words of term A, then
+    # of term B) give x and y of two Box-Muller halves, and the values are the rows
+    # xA + xB, then yA + yB, flattened row-major. A wrong word, octant, sign, scale or
+    # order moves values by O(1); float32 rounding and the polynomials move them by at
+    # most a few ulp (measured max difference 1.9e-6 here).
+    shape = (3, 1365)  # 4095 values: not a multiple of a block's 8 (float32) or 4
+    with jax.enable_x64(x64):
+        dtype = jnp.float64 if x64 else jnp.float32
+        nbits, per_block = (64, 4) if x64 else (32, 8)
+        key = dr.PRNGKey(11)
+        got = np.asarray(dr.hardened_normal(key, shape, dtype), np.float64)
+        assert got.dtype == np.float64 and got.shape == shape
+        b = -(-4095 // per_block)
+        w = np.asarray(dr.random_bits(key, 32, (b, 16))).T.astype(object)
+        if x64:
+            w = (w[:8] << 32) | w[8:]
+        quarter = len(w) // 4
+        xa, ya = _box_muller_reference(w[: 2 * quarter].reshape(2, quarter, b), nbits)
+        xb, yb = _box_muller_reference(w[2 * quarter :].reshape(2, quarter, b), nbits)
+        expected = np.concatenate([xa + xb, ya + yb]).reshape(-1)[:4095].reshape(shape)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12 if x64 else 1e-5)
+    # the debug suite runs the same construction on its own words
+    words = np.asarray(jax.random.bits(dbg.PRNGKey(5), (16, 2), jnp.uint32))
+    xa, ya = _box_muller_reference(words[:8].reshape(2, 4, 2), 32)
+    xb, yb = _box_muller_reference(words[8:].reshape(2, 4, 2), 32)
+    expected = np.concatenate([xa + xb, ya + yb]).reshape(-1)[:13]
     with jax.enable_x64(False):
-        got = np.asarray(dr.hardened_normal(key, (n,), jnp.float32), np.float64)
-        words = np.asarray(dr.random_bits(key, 32, (2, n))).astype(np.int64)
-    m = words & (2**31 - 1)
-    cut = np.maximum(np.floor(np.log2(np.maximum(m, 1))).astype(np.int64) + 1 - 24, 0)
-    u = ((m >> cut) << cut) * 2.0**-31
-    z = np.where(words >> 31 == 1, -1.0, 1.0) * np.sqrt(2) * special.erfinv(u)
-    np.testing.assert_allclose(got, (z[0] + z[1]) / np.sqrt(2), rtol=0, atol=1e-4)
+        got = np.asarray(dbg.hardened_normal(dbg.PRNGKey(5), (13,), jnp.float32))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
 
-def test_signed_unit_uses_every_bit():
-    # u must be the 31 low bits rounded DOWN to a float32 (so never 1.0, where erfinv is
-    # infinite), exactly, for words around every truncation boundary and at random.
-    rng = np.random.default_rng(0)
-    edges = [0, 1, 2**23 - 1, 2**23, 2**24 - 1, 2**24, 2**24 + 1, 2**25 + 3, 2**31 - 1]
-    low = np.concatenate([edges, rng.integers(0, 2**31, 10_000)]).astype(np.uint32)
-    words = np.concatenate([low, low | np.uint32(2**31)])
-    negative, u = _sampling.signed_unit_from_word(jnp.asarray(words), jnp.float32)
-    exact = low.astype(np.float64) * 2.0**-31
-    nearest = exact.astype(np.float32)
-    down = np.where(nearest > exact, np.nextafter(nearest, np.float32(0)), nearest)
-    np.testing.assert_array_equal(np.asarray(u), np.concatenate([down, down]))
-    np.testing.assert_array_equal(np.asarray(negative), words >= 2**31)
-    assert np.asarray(u).max() == np.float32(1 - 2**-24)
-    # Every bit counts: the plain uniform's grid of multiples of 2**-23 holds few of the
-    # random u (those below 2**-8 are on a grid 2**15 times finer; the fraction on the
-    # coarse grid is about 1/2 at [2**-1, 1) and smaller below); measured 0.26 here,
-    # bounded at 0.4 (the 10,000 draws give a binomial standard error below 0.005).
-    on_coarse_grid = np.asarray(u)[len(edges) : len(low)] * 2**23 % 1 == 0
-    assert on_coarse_grid.mean() < 0.4
+def test_sin_cos_octant_accuracy():
+    # The polynomials replace sin and cos on [0, pi/4]: within 1.1 ulp of the exact values
+    # in float32 (measured 1.10) and 1 ulp of numpy's in float64.
+    for dtype, maxulp in ((np.float32, 2), (np.float64, 1)):
+        with jax.enable_x64(dtype == np.float64):
+            phi = np.linspace(0, np.pi / 4, 100_001).astype(dtype)
+            sin, cos = map(np.asarray, _sampling.sin_cos_octant(jnp.asarray(phi)))
+        exact = phi.astype(np.float64)
+        np.testing.assert_array_max_ulp(sin, np.sin(exact).astype(dtype), maxulp=maxulp)
+        np.testing.assert_array_max_ulp(cos, np.cos(exact).astype(dtype), maxulp=maxulp)
+
+
+def _one_block(q_words, angle_words):
+    """A block source giving one block whose terms A and B both use the given words."""
+    column = np.concatenate([q_words, angle_words, q_words, angle_words]).astype(np.uint32)
+    return lambda _key, num_blocks: jnp.asarray(column[:, None])
 
 
 def test_hardened_normal_tail_reach():
-    # The largest magnitude: both terms at u = 1 - 2**-24, i.e. 2 * 5.42 / sqrt(2) = 7.67
-    # standard deviations (the plain sampler stops at 5.42); finite, never inf.
-    words = jnp.full((2, 3), 2**31 - 1, jnp.uint32).at[:, 1].set(2**32 - 1)
-    z = np.asarray(_sampling.hardened_normal(lambda *_: words, None, (3,), jnp.float32))
-    expected = 2 * np.sqrt(2) * special.erfinv(1 - 2.0**-24) / np.sqrt(2)
-    np.testing.assert_allclose(z, [expected, -expected, expected], rtol=1e-5)
-    assert expected > 7.6
+    # The largest magnitude: both terms at q = 2**-33 (word 0) and angle 0 or pi
+    # (octants 0 and 4), i.e. 2 sqrt(33 log 2) = 9.57 standard deviations (the two-erfinv
+    # sampler stopped at 7.67, the plain one at 5.42); finite. The last word (q rounds to
+    # 1) gives radius 0, not NaN; octant 2 at angle 0 is pi/2 (cosine -0, sine 1).
+    big = 2 * np.sqrt(33 * np.log(2))
+    with jax.enable_x64(False):
+        z = _sampling.hardened_normal(
+            _one_block([0, 0, 2**32 - 1, 1], [0, 4 << 29, 0, 2 << 29]), None, (8,), jnp.float32
+        )
+    z = np.asarray(z)
+    second = 2 * np.sqrt(-np.log(1.5 * 2.0**-32))
+    np.testing.assert_allclose(z, [big, -big, 0, 0, 0, 0, 0, second], rtol=1e-6, atol=1e-6)
+    assert np.isfinite(z).all() and big > 9.5
+    # float64: 64-bit words from rows j and j + 8 of the block, 2 sqrt(65 log 2) = 13.4
+    column = np.zeros((16, 1), np.uint32)
+    column[[3, 11]] = 4 << 29  # the angle word of term B: octant 4 (high word row 3)
+    with jax.enable_x64(True):
+        z = _sampling.hardened_normal(lambda *_: jnp.asarray(column), None, (4,), jnp.float64)
+    np.testing.assert_allclose(np.asarray(z)[:2], [2 * np.sqrt(65 * np.log(2)), 0], atol=1e-12)
+
+
+@pytest.mark.parametrize("y", [1e-3, 0.3, 1.0, 2.0, 3.0, 4.0, 4.5])
+def test_box_muller_term_reaches_every_float(y):
+    # Each term alone reaches every float32 of its range, tails included: for the q word
+    # whose radius is about y / cos(phi_t), the angle words around arccos(y / radius) give
+    # every float in [y, y + 64 ulp]. The angle of a float32 uniform times 2 pi (a grid
+    # of 2**-23 turns: the low 9 of the 29 angle bits dropped) misses some (checked too).
+    phi_t = np.pi / 8 if y < 4 else np.pi / 16  # the radius stops at sqrt(33 log 2) = 4.78
+    w = int(np.exp(-((y / np.cos(phi_t)) ** 2)) * 2.0**32)
+
+    def term(angle_words):
+        with jax.enable_x64(False):
+            x, _ = _sampling.box_muller_halves(
+                jnp.full(angle_words.shape, w, jnp.uint32), jnp.asarray(angle_words), jnp.float32
+            )
+        return np.asarray(x)
+
+    radius = float(term(np.zeros(1, np.uint32))[0])  # angle 0: x is the radius
+    f0 = int(np.arccos(y / radius) / (np.pi / 4) * 2**29)
+    lo = np.float32(y)
+    hi = lo + 64 * np.spacing(lo)
+    for step in (1, 2**9):
+        angle = (f0 // step + np.arange(-(2**17), 2**17)) * step
+        x = term(angle.astype(np.uint32))
+        assert x.min() < lo and x.max() > hi  # the enumeration spans the window
+        reached = len(np.unique(x[(x >= lo) & (x <= hi)]))
+        if step == 1:
+            assert reached == 65, f"{65 - reached} floats unreachable near {y}"
+    assert reached < 60, reached
+
+
+def test_hardened_normal_collisions_as_if_every_float_reachable():
+    # If every float near v is reachable with probability about pdf(v) * ulp, the number of
+    # equal pairs among N draws falling in [a, b) (one binade, ulp U, both signs) is about
+    # C(N, 2) * sum_f p_f**2 = C(N, 2) * 4 U * integral_a^b pdf(z)**2 dz. A sampler that
+    # reaches only a fraction of the floats repeats values proportionally more often; the
+    # plain sampler, checked too, does (it reaches about half the floats near 1.5 and 3%
+    # near 3). Bounds: 1.25x the expectation plus 5 Poisson standard deviations.
+    n = 2**22
+    with jax.enable_x64(False):
+        hardened = np.abs(np.asarray(dr.hardened_normal(dr.PRNGKey(21), (n,), jnp.float32)))
+        plain = np.abs(np.asarray(dr.normal(dr.PRNGKey(21), (n,), jnp.float32)))
+
+    def pairs(v, a, b):
+        _, counts = np.unique(v[(v >= a) & (v < b)], return_counts=True)
+        return int((counts * (counts - 1) // 2).sum())
+
+    for a, b in ((1.0, 1.5), (2.5, 3.5)):
+        ulp = float(np.spacing(np.float32(a)))
+        z = np.linspace(a, b, 10_001)
+        integral = np.trapezoid(stats.norm.pdf(z) ** 2, z)
+        expected = n * (n - 1) / 2 * 4 * ulp * integral
+        bound = 1.25 * expected + 5 * math.sqrt(expected)
+        assert pairs(hardened, a, b) < bound, (a, b, pairs(hardened, a, b), expected)
+        assert pairs(plain, a, b) > 1.5 * bound
 
 
 def test_random_bits_widths_uniform():

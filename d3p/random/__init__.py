@@ -323,13 +323,13 @@ def normal(key: PRNGState, shape: int | Sequence[int] = (), dtype=float) -> jax.
 
 
 def hardened_normal(key: PRNGState, shape: int | Sequence[int] = (), dtype=float) -> jax.Array:
-    """Standard normal samples hardened against floating-point attacks: use for privacy noise.
+    """Standard normals hardened against floating-point attacks: use for privacy noise.
 
-    Each value is ``(z1 + z2) / sqrt(2)`` for two independent normals, each made from
-    one whole random word of the dtype's width (32 bits for float32): the top bit is
-    the sign and the other 31 bits, cut to the dtype's precision, give a uniform
-    ``u`` in ``[0, 1)`` that reaches every float down to ``2**-(31 - 24)`` (not only
-    multiples of ``2**-23``), and ``zi = ±sqrt(2) * erfinv(u)``. Two words per value.
+    Each value is ``x1 + x2`` for two independent ``N(0, 1/2)`` terms, each a Box-Muller
+    half made from two whole random words of the dtype's width (32 bits for float32):
+    ``x = sqrt(-log q) cos(theta)`` with ``q = (w + 1/2) 2**-32`` from one word and
+    ``theta`` from the other (three bits pick the octant, 29 bits the angle within
+    it); the pair's sine half serves another value. Two words per value.
 
     *What it defends against.* A normal made by transforming one float uniform
     can only take about ``2**nmant`` distinct values, spread unevenly, so many
@@ -339,21 +339,28 @@ def hardened_normal(key: PRNGState, shape: int | Sequence[int] = (), dtype=float
     Gaussians, breaking the noise of Opacus, TF Privacy and others). Summing
     independent draws makes essentially every float in the bulk of the
     distribution reachable (Holohan and Braghin 2021, arXiv 2107.10138); here each
-    term already has ``2**32`` equally likely inputs instead of ``2**23``, so two
-    terms (``2**64`` inputs) do what four terms of 23 bits did.
+    term already has ``2**64`` equally likely inputs and alone reaches every float
+    of its range, tails included (``q`` is fine near 0, the angle fine in every
+    octant; tested), and the value sums two.
 
     *What it does not do.* It is not an exact sampler: results are still rounded
     floats, and the rounding when the noise is added to a gradient is not
-    addressed. The largest reachable magnitude is 7.67 (float32; 11.7 for float64)
-    standard deviations, against 10.8 for :func:`hardened_normal_sum4`; the ideal
-    Gaussian puts mass 1.7e-14 beyond 7.67. The branch-free code runs in
-    data-independent time.
+    addressed. The largest reachable magnitude is ``2 sqrt(33 log 2) = 9.57``
+    (float32; 13.4 for float64) standard deviations, against 10.8 for
+    :func:`hardened_normal_sum4`; the ideal Gaussian puts mass 1.1e-21 beyond 9.57.
+    The branch-free code (no range reduction: the sine and cosine are polynomials
+    on one octant) runs in data-independent time.
 
-    *Cost.* Two random words and two ``erfinv`` per value, about twice
-    :func:`normal` (see ``python -m benchmarks --only random``).
+    *Cost.* Two random words, one ``log``, one ``sqrt`` and two short polynomials per
+    value, read in the block layout of the ChaCha20 computation (no transpose): 1.5x
+    to 1.75x :func:`normal` inside a jitted loop on a 2-core CPU (see
+    ``python -m benchmarks --only random``).
 
-    The stream differs from d3p 0.3.0's ``hardened_normal``, which is kept as
-    :func:`hardened_normal_sum4`.
+    *Stream.* Value ``i`` of the flattened output, with ``b = ceil(n / 8)`` stream blocks
+    for ``n`` values, is row ``i // b`` of block ``i % b`` (float32; see
+    ``d3p.random._sampling.hardened_normal`` for the word layout). The stream differs
+    from d3p 0.3.0's ``hardened_normal``, which is kept as :func:`hardened_normal_sum4`,
+    and from the two-erfinv sampler of the 0.3.1 development versions.
 
     Parameters
     ----------
@@ -372,7 +379,12 @@ def hardened_normal(key: PRNGState, shape: int | Sequence[int] = (), dtype=float
     key = _check_key(key)
     shape = _sampling.check_shape(shape)
     dtype = _sampling.check_float_dtype(dtype, "hardened_normal")
-    return _sampling.hardened_normal(random_bits, key, shape, dtype)
+    return _hardened_normal(key, shape, dtype)
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _hardened_normal(key: jax.Array, shape: tuple[int, ...], dtype: np.dtype) -> jax.Array:
+    return _sampling.hardened_normal(chacha.stream_blocks, key, shape, dtype)
 
 
 def hardened_normal_sum4(key: PRNGState, shape: int | Sequence[int] = (), dtype=float) -> jax.Array:
@@ -380,7 +392,7 @@ def hardened_normal_sum4(key: PRNGState, shape: int | Sequence[int] = (), dtype=
 
     Kept to reproduce results of d3p 0.3.0 (same seed, same stream). Exactly unit
     variance, largest reachable magnitude 10.8 standard deviations in float32, and
-    four random words and four ``erfinv`` per value, about twice the cost of
+    four random words and four ``erfinv`` per value, two or more times the cost of
     :func:`hardened_normal`, which resists the same floating-point attacks.
 
     Parameters

@@ -144,12 +144,42 @@ def block(state: jax.Array) -> jax.Array:
     return _block_columns(jnp.reshape(state, (16, 1)), None).reshape(4, 4)
 
 
+def _stream_columns(state: jax.Array, num_blocks: int, unroll: bool | None) -> jax.Array:
+    """The first ``num_blocks`` blocks of the stream of ``state`` as the columns of a
+    (16, num_blocks) array."""
+    states = jnp.broadcast_to(jnp.reshape(state, (16, 1)), (16, num_blocks))
+    states = states.at[12].add(jnp.arange(num_blocks, dtype=jnp.uint32))
+    return _block_columns(states, unroll)
+
+
 @partial(jax.jit, static_argnums=(1, 2))
 def _blocks(state: jax.Array, num_blocks: int, unroll: bool | None = None) -> jax.Array:
     """The first ``num_blocks`` blocks of the stream of ``state``, shape (num_blocks * 16,)."""
-    states = jnp.broadcast_to(jnp.reshape(state, (16, 1)), (16, num_blocks))
-    states = states.at[12].add(jnp.arange(num_blocks, dtype=jnp.uint32))
-    return _block_columns(states, unroll).T.reshape(-1)
+    return _stream_columns(state, num_blocks, unroll).T.reshape(-1)
+
+
+@partial(jax.jit, static_argnums=1)
+def stream_blocks(state: jax.Array, num_blocks: int) -> jax.Array:
+    """The first ``num_blocks`` blocks of the ChaCha20 stream of ``state``, one per column.
+
+    Word ``j`` of block ``b`` (stream word ``16 * b + j``) is at ``[j, b]``. This is the
+    layout the block function computes in, so unlike :func:`stream_words` it needs no
+    transpose; samplers that only need independent words (e.g. ``hardened_normal``)
+    read it directly.
+
+    Parameters
+    ----------
+    state : jax.Array
+        ``uint32`` array of shape (4, 4); ``state[3, 0]`` is the first block counter.
+    num_blocks : int
+        Static number of 16-word blocks.
+
+    Returns
+    -------
+    jax.Array
+        ``uint32`` array of shape ``(16, num_blocks)``.
+    """
+    return _stream_columns(state, num_blocks, None)
 
 
 def stream_words(state: jax.Array, num_words: int) -> jax.Array:

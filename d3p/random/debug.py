@@ -135,7 +135,12 @@ def hardened_normal(key: PRNGState, shape: int | Sequence[int] = (), dtype=float
     key = _check_key(key)
     shape = _sampling.check_shape(shape)
     dtype = _sampling.check_float_dtype(dtype, "hardened_normal")
-    return _sampling.hardened_normal(random_bits, key, shape, dtype)
+    return _sampling.hardened_normal(_block_words, key, shape, dtype)
+
+
+def _block_words(key: jax.Array, num_blocks: int) -> jax.Array:
+    """``num_blocks`` blocks of 16 random words as columns (``jax.random.bits``)."""
+    return jax.random.bits(key, (16, num_blocks), jnp.uint32)
 
 
 def hardened_normal_sum4(key: PRNGState, shape: int | Sequence[int] = (), dtype=float) -> jax.Array:
