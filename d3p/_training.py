@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from d3p import _mechanism, _sharding, _validation, minibatch
+from d3p import _mechanism, _sharding, _validation, averaging, minibatch
 from d3p._elbo_split import zero_examples
 from d3p.history import (
     PrivacyHistory,
@@ -365,13 +365,16 @@ def check_plate(dpsvi: Any, state: Any, n: int) -> None:
 
 
 def _chunk(dpsvi: Any, step: PrivacyPlan, kwargs_static: tuple, shards: int | None) -> Callable:
-    """A jitted ``(state, data, dynamic kwargs, count) -> (state, losses)`` that takes
-    ``count`` steps (dynamic, at most ``_MAX_CHUNK``); losses beyond ``count`` are NaN.
-    ``shards``: the size of the mesh's data axis, None without a mesh."""
+    """A jitted ``(state, data, dynamic kwargs, count, iterates, start) -> (state, losses,
+    iterates)`` that takes ``count`` steps (dynamic, at most ``_MAX_CHUNK``); losses beyond
+    ``count`` are NaN. ``iterates``: None, or the :mod:`d3p.averaging` state that each
+    step's iterate is added to once the state has taken more than ``start`` steps (dynamic,
+    so one program serves every window). ``shards``: the size of the mesh's data axis,
+    None without a mesh."""
     loss_dtype = jnp.result_type(float)  # the loss's: it is promoted with this dtype
     on_mesh = shards is not None
 
-    def chunk(state, data, dynamic, count):
+    def chunk(state, data, dynamic, count, iterates, start):
         kwargs = {**dynamic, **dict(kwargs_static)}
         n = data[0].shape[0]
         # on a mesh the sampler draws row indices (replicated); each device gathers its rows
@@ -379,17 +382,20 @@ def _chunk(dpsvi: Any, step: PrivacyPlan, kwargs_static: tuple, shards: int | No
         _, get_batch = step.batcher(rows, dpsvi.rng_suite)
 
         def body(i, carry):
-            state, losses = carry
+            state, losses, iterates = carry
             batch, mask = get_batch(0, _mechanism.batch_key(dpsvi.rng_suite, state))
             if on_mesh:
                 batch, mask = _sharding.gather_batch(data, batch[0], mask, shards)
             state, loss = _mechanism.update(
                 dpsvi, state, batch, kwargs, mask, step.normaliser, step
             )
-            return state, losses.at[i].set(loss.astype(loss_dtype))
+            if iterates is not None:  # post-processing of the new iterate
+                params = dpsvi.optim.get_params(state.optim_state)
+                iterates = averaging.update(iterates, params, state.num_steps > start)
+            return state, losses.at[i].set(loss.astype(loss_dtype)), iterates
 
         losses = jnp.full(_MAX_CHUNK, jnp.nan, loss_dtype)
-        return jax.lax.fori_loop(0, count, body, (state, losses))
+        return jax.lax.fori_loop(0, count, body, (state, losses, iterates))
 
     return jax.jit(chunk)
 
@@ -415,10 +421,12 @@ def run(
     init_params: Any,
     mesh: Any,
     check_finite: bool,
+    average: Any,
 ) -> tuple:
     """:meth:`d3p.svi.DPSVI.run` (see there): ``(params, state, losses, epsilon, delta,
-    dp_event)``."""
+    dp_event, iterates)``."""
     num_steps = _validation.count(num_steps, "num_steps")
+    average = averaging.as_spec(average)
     shards = None if mesh is None else _sharding.check_mesh(mesh)
     args, n = _validation.batch(args)
     if any(a is None for a in args):
@@ -456,8 +464,21 @@ def run(
         num_steps=jnp.asarray(state.num_steps, jnp.int32),
         history=state.history.record(step, 0),
     )
+    # the iterates of the window (the last steps of this run), or of the whole run for an
+    # EMA: statistics of the private iterates only (post-processing)
+    iterates = start = None
+    if average is not None:
+        params = dpsvi.optim.get_params(state.optim_state)
+        start = int(state.num_steps)
+        if isinstance(average, averaging.EMA):
+            iterates = averaging.ema_init(params, average.decay)
+        else:
+            window = average.length(num_steps)
+            iterates = averaging.init(params, max(1, window // average.num_blocks))
+            start += num_steps - window
+        start = jnp.asarray(start, jnp.int32)
     if mesh is not None:
-        state = _sharding.place(state, mesh)
+        state, iterates = _sharding.place((state, iterates), mesh)
 
     dynamic, static = split
     per_chunk = _steps_per_chunk(num_steps, progress_bar)
@@ -465,7 +486,7 @@ def run(
     with in_mesh, tqdm.tqdm(total=num_steps, disable=not progress_bar) as bar:
         fn = cached(
             dpsvi,
-            ("run", step, static, shards),
+            ("run", step, static, shards, type(average)),
             lambda: _chunk(dpsvi, step, static, shards),
         )
         done = 0
@@ -475,7 +496,7 @@ def run(
             count = 1 if done == 0 and progress_bar else min(per_chunk, num_steps - done)
             if done == 0:
                 bar.set_description_str("compiling" if progress_bar else None)
-            state, buffer = fn(state, args, dynamic, count)
+            state, buffer, iterates = fn(state, args, dynamic, count, iterates, start)
             chunk_losses = np.asarray(buffer)[:count]  # on the host: no program per length
             losses.append(chunk_losses)
             done += count
@@ -486,6 +507,9 @@ def run(
             bar.update(count)
     if covered is not None:
         covered.settle(state.history)
-    params = dpsvi.get_params(state)
+    if iterates is None:
+        params = dpsvi.get_params(state)
+    else:
+        params = averaging.constrained_mean(iterates, dpsvi.constrain_fn)
     losses = jnp.asarray(np.concatenate(losses))
-    return params, state, losses, epsilon, delta, plans_dp_event(plans)
+    return params, state, losses, epsilon, delta, plans_dp_event(plans), iterates

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from numpyro.infer import SVI, Trace_ELBO
 
 import d3p.random
-from d3p import _mechanism, _sharding, _training, _validation
+from d3p import _mechanism, _sharding, _training, _validation, averaging
 from d3p._gradients import clip_gradient, full_norm, normalize_gradient
 from d3p.history import PrivacyHistory, plans_delta, plans_epsilon, warn_if_no_history
 from d3p.plan import PrivacyBudget, PrivacyPlan
@@ -84,7 +84,8 @@ class DPSVIRunResult(NamedTuple):
     Attributes
     ----------
     params : dict
-        Constrained parameters after the last step.
+        Constrained parameters after the last step; with ``average``, the averaged
+        parameters (the state keeps the last iterate).
     state : DPSVIState
         The final state (pass it as ``init_state`` to continue training).
     losses : jax.Array
@@ -97,6 +98,10 @@ class DPSVIRunResult(NamedTuple):
     dp_event : dp_accounting.DpEvent
         The ``DpEvent`` of all steps in ``state``, as the run's
         :class:`~d3p.plan.PrivacyPlan` describes them.
+    iterates : d3p.averaging.IterateStats or d3p.averaging.EMAState, optional
+        With ``average``, the statistics of the averaged iterates (unconstrained), e.g. for
+        :class:`d3p.noise_aware.NoiseAwarePosterior`; else None. Post-processing of the
+        private iterates: as private as ``params``.
     """
 
     params: dict
@@ -105,6 +110,7 @@ class DPSVIRunResult(NamedTuple):
     epsilon: float
     delta: float
     dp_event: Any = None
+    iterates: Any = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,6 +485,7 @@ class DPSVI:
         init_params: dict | None = None,
         mesh: jax.sharding.Mesh | None = None,
         check_finite: bool = True,
+        average: float | averaging.Window | averaging.EMA | None = None,
         **kwargs: Any,
     ) -> DPSVIRunResult:
         """Train for ``num_steps`` private steps on Poisson-sampled minibatches of ``args``.
@@ -533,15 +540,24 @@ class DPSVI:
         check_finite : bool
             If True (default), refuse data holding NaN or infinity (a ``ValueError`` about
             your own data: not private) before any work.
+        average : float, d3p.averaging.Window or d3p.averaging.EMA, optional
+            Return averaged parameters (post-processing of the private iterates: no privacy
+            cost, same state and epsilon). A fraction in (0, 1] (or
+            :class:`~d3p.averaging.Window`): the mean of the iterates of the last
+            ``ceil(fraction * num_steps)`` steps of this run, in the unconstrained space
+            (DPVIm's iterate averaging); let the window start past convergence.
+            :class:`~d3p.averaging.EMA`: an exponential moving average of this run's
+            iterates. The result's ``iterates`` holds the statistics (for a window, also
+            their spread, for :class:`~d3p.noise_aware.NoiseAwarePosterior`).
         **kwargs
             Keyword arguments of model and guide (public).
 
         Returns
         -------
         DPSVIRunResult
-            ``(params, state, losses, epsilon, delta, dp_event)``; ``epsilon`` is the
-            privacy spent by all steps in ``state`` (the plan's relation; add/remove-one
-            without a plan), ``losses`` are not private.
+            ``(params, state, losses, epsilon, delta, dp_event, iterates)``; ``epsilon`` is
+            the privacy spent by all steps in ``state`` (the plan's relation;
+            add/remove-one without a plan), ``losses`` are not private.
         """
         return DPSVIRunResult(
             *_training.run(
@@ -558,5 +574,6 @@ class DPSVI:
                 init_params=init_params,
                 mesh=mesh,
                 check_finite=check_finite,
+                average=average,
             )
         )
