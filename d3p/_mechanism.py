@@ -20,6 +20,15 @@ multiplier ``sigma`` on the sampled batch, the step event of
 :meth:`d3p.plan.PrivacyPlan.dp_event` (replacing a record changes the sum by at most
 ``2 C``, as the substitute relation's events assume). The optimiser sees only ``g``.
 
+**Aligned gradients** (``aligned_gradients``, :mod:`d3p._aligned`, DPVIm). For a mean-field
+Gaussian guide of the global latents, ``grad l_i`` above is replaced by the vector of row
+``i``'s gradients with respect to the parameters the data terms read directly and the
+guide's locations (one coordinate per entry of the global sample); the noise is drawn on
+those coordinates only, with the same ``sigma C``. The same sensitivity, the same Gaussian
+mechanism: the accounting is unchanged. The gradient of all parameters (the scales'
+derived from the noised locations') is computed from that released sum alone, before
+``s / b`` and ``grad l_global`` are applied: post-processing.
+
 **Randomness.** The state's key is split into four: the seed of the next state's key,
 which is then rekeyed (:func:`d3p.random.rekey`: the next state cannot recompute this
 step's keys), the batch key (for the sampler, :func:`batch_key`), the ELBO key (model
@@ -39,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from d3p import _clipping, _sharding
+from d3p import _aligned, _clipping, _sharding
 from d3p._clipping import GlobalSample, add_examples_axis, linearised_global_sample
 from d3p._elbo_split import SiteLayout, classify_sites, elbo_terms, global_part, zero_examples
 from d3p.history import Mechanism, UnplannedStep
@@ -319,10 +328,14 @@ def update(
     def example(p, v, ex, i):
         return _example_loss(dpsvi, p, v, jax_key, ex, kwargs, i, obs_scale, layout)
 
+    aligned = None
+    clipped = (example, params, sample)
+    if dpsvi.aligned_gradients:
+        # the clipped sum of the released coordinates only (locations, no scales)
+        aligned = _aligned.aligned_step(dpsvi, params, sample, example, args)
+        clipped = (aligned.example, aligned.released, aligned.sample)
     grad_sum, loss_sum, num_bad = _clipping.clipped_sum(
-        example,
-        params,
-        sample,
+        *clipped,
         args,
         mask,
         dpsvi.clipping_threshold,
@@ -332,6 +345,8 @@ def update(
     )
     if dpsvi.dp_scale > 0:
         grad_sum = jax.tree.map(jnp.add, grad_sum, _noise(dpsvi, noise_key, grad_sum))
+    if aligned is not None:
+        grad_sum = aligned.gradient(grad_sum)  # post-processing of the released vector
     factor = obs_scale / normaliser
     grads = jax.tree.map(lambda g: (g * factor).astype(g.dtype), grad_sum)
     loss = loss_sum * factor

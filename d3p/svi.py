@@ -10,7 +10,7 @@ deviation ``dp_scale * C`` is added before the optimiser sees the gradient.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from numpyro.infer import SVI, Trace_ELBO
 
 import d3p.random
-from d3p import _mechanism, _sharding, _training, _validation, averaging
+from d3p import _aligned, _mechanism, _sharding, _training, _validation, averaging
 from d3p._gradients import clip_gradient, full_norm, normalize_gradient
 from d3p.history import PrivacyHistory, plans_delta, plans_epsilon, warn_if_no_history
 from d3p.plan import PrivacyBudget, PrivacyPlan
@@ -185,6 +185,23 @@ class DPSVI:
         result is the same up to floating-point rounding. Default: on CPU as many
         examples as keep a chunk at about 2**20 per-example entries (the whole batch for
         small models), on accelerators the whole batch.
+    aligned_gradients : bool or sequence of str
+        Keyword-only. DPVIm's aligned gradients (Jälkö et al., TMLR 2023) for a mean-field
+        Gaussian guide of the global latents: ``True`` for ``AutoNormal`` and
+        ``AutoDiagonalNormal``, or the names of the location parameters of a hand-written
+        location-scale guide. Each example's clipped vector is then its gradient with
+        respect to the parameters the data terms read directly and the locations only;
+        noise of the same ``dp_scale * C`` is added to those coordinates only. The scale
+        gradients are derived from the noised location gradients (``loc_grad * eta *
+        scale'``), post-processing at no privacy cost: what is released is the same
+        Gaussian mechanism on fewer coordinates, so the accounting (epsilon) is
+        unchanged. Refused with a ``ValueError`` (at :meth:`init` or the first
+        :meth:`update`, never a silent fallback) unless ``per_example_loss`` is
+        ``Trace_ELBO()`` with one particle, the model has global latents, every entry of
+        their guide's sample depends on its own parameter entries and on exactly one
+        location entry (not e.g. ``AutoMultivariateNormal`` or flows), and the data terms
+        do not read the guide's parameters. A location whose derived factor ``T'(z)``
+        underflows to 0, or any non-finite derived gradient entry, gets gradient 0.
     **static_kwargs
         Further keyword arguments for model and guide (e.g. ``N=len(data)``), as in numpyro.
     """
@@ -203,6 +220,7 @@ class DPSVI:
         plan: PrivacyPlan | None = None,
         expected_batch_size: float | None = None,
         chunk_size: int | None = None,
+        aligned_gradients: bool | Sequence[str] = False,
         **static_kwargs: Any,
     ):
         self.clipping_threshold, self.dp_scale, self.expected_batch_size = (
@@ -223,6 +241,7 @@ class DPSVI:
         self.clip_unscaled_observations = bool(clip_unscaled_observations)
         self.static_kwargs = static_kwargs
         _mechanism.check_components(self, allow_none=True)
+        self.aligned_gradients = _aligned.option(aligned_gradients, guide, per_example_loss)
         # numpyro's SVI validates/wraps the optimiser and does the parameter initialisation.
         self._svi = SVI(model, guide, optim, per_example_loss, **static_kwargs)
         self.optim = self._svi.optim
@@ -268,7 +287,7 @@ class DPSVI:
             DPSVI's steps.
         """
         _mechanism.check_components(self)
-        args, _ = _validation.batch(args)
+        args, batch_size = _validation.batch(args)
         init_key, state_key = _mechanism.init_keys(self.rng_suite, rng_key)
         try:
             svi_state = self._svi.init(init_key, *args, init_params=init_params, **kwargs)
@@ -282,15 +301,22 @@ class DPSVI:
         params = self.optim.get_params(svi_state.optim_state)
         layout = _mechanism.site_layout(self, params, args, kwargs)
         scale = layout.observation_scale if self.clip_unscaled_observations else 1.0
-        history = PrivacyHistory.start().record(_mechanism.update_mechanism(self), 0)
-        return DPSVIState(
+        step = _mechanism.update_mechanism(self)
+        state = DPSVIState(
             svi_state.optim_state,
             state_key,
             jnp.asarray(scale, jnp.result_type(float)),
             jnp.zeros((), jnp.int32),
             jnp.zeros((), jnp.int32),
-            history,
+            PrivacyHistory.start().record(step, 0),
         )
+        if self.aligned_gradients:
+            # raise the aligned step's refusals now: a step traced abstractly (no compute)
+            mask = jnp.ones(batch_size, bool)
+            jax.eval_shape(
+                lambda s: _mechanism.update(self, s, args, kwargs, mask, 1.0, step), state
+            )
+        return state
 
     def get_params(self, svi_state: DPSVIState) -> dict:
         """Constrained parameter values of ``svi_state`` (works inside ``jit``)."""
