@@ -10,7 +10,7 @@ import time
 
 from benchmarks._common import format_table, machine_info, write_json
 
-SECTIONS = ("random", "minibatch", "dputil", "svi", "loop", "scaling", "audit")
+SECTIONS = ("random", "minibatch", "dputil", "svi", "loop", "scaling", "audit", "quality")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -92,6 +92,20 @@ def test_logistic_regression_synthetic_recovers_weights():
     assert result["nonprivate"]["weight_error"] < 0.5
 
 
+def test_logistic_regression_aligned_noise_aware():
+    # the options of issue 27: aligned gradients, averaging and the noise-aware posterior
+    # (same budget); at epsilon = 10 the weights are recovered as without them (see above)
+    result = load_example("logistic_regression").main(
+        ["--smoke", "--epsilon", "10", "--dataset", "synthetic", "--aligned", "--noise-aware"]
+    )
+    assert_budget_respected(result)
+    assert result["aligned"] and result["noise_aware"]
+    assert result["dp"]["weight_error"] < 0.5
+    # 11 weights: a 90 % interval that covers each with probability >= 0.8 covers at most 5
+    # of them with probability < 0.002
+    assert result["dp"]["coverage90"] >= 6 / 11
+
+
 def test_simple_gaussian_posterior(tmp_path):
     module = load_example("simple_gaussian_posterior")
     plot = tmp_path / "gauss.png"
