@@ -27,7 +27,9 @@ dp_scale = 1, secure generator and hardened noise), with the structural batch si
   the loop as invariant): the draw with its gather (``get_batch``, minus the optimiser
   timed alone), the global part, the per-example part (clipped sum), the noise, and the
   rest of ``DPSVI.update`` (normalising, loss, count), each the difference of two
-  prefixes; and, timed alone, ``randint`` with its gather (SVI's batch).
+  prefixes; and, timed alone, ``randint`` with its gather (SVI's batch) and SVI's
+  backward pass (the gradient of numpyro's ELBO on a fixed batch, minus the optimiser):
+  ``per_example_over_backward`` is the per-example part over it (target at most 1.3).
 
 All loops of one workload are timed interleaved (:func:`benchmarks._common.time_interleaved`).
 """
@@ -189,6 +191,20 @@ def bench_workload(
         batch, m = get_batch(0, dpsvi.batch_key(s))
         return dpsvi.update(s, *batch, mask=m)[0]
 
+    def svi_backward_step(i, s):  # SVI's forward and backward pass on a fixed batch
+        params = svi.optim.get_params(s)
+        grads = jax.grad(
+            lambda p: Trace_ELBO().loss(
+                jax.random.fold_in(jax_key, i),
+                svi.constrain_fn(p),
+                model,
+                guide,
+                *first_batch,
+                **kwargs,
+            )
+        )(params)
+        return svi.optim.update(grads, s)
+
     def optim_step(i, s):
         params = dpsvi.optim.get_params(s)
         return _mechanism._optim_update(dpsvi.optim, jax.tree.map(lambda p: 1e-3 * p, params), s)
@@ -201,6 +217,7 @@ def bench_workload(
             for upto, stage in enumerate(("draw", "global", "clip", "noise"))
         },
         "optim": (_counted_loop(optim_step), state.optim_state),
+        "svi_backward": (_counted_loop(svi_backward_step), svi_state.optim_state),
         "randint": (_counted_loop(lambda i, c: c + _checksum(randint_batch(i))), 0.0),
     }
     # first call (trace, compile, one step); CPU seconds are what a quiet machine would
@@ -250,6 +267,9 @@ def bench_workload(
         "dpsvi_step_ms": ms["dpsvi"],
         "randint_gather_ms": ms["randint"],
         "svi_step_ms": ms["svi"],
+        "svi_backward_ms": ms["svi_backward"] - ms["optim"],
+        "per_example_over_backward": (ms["clip"] - ms["global"])
+        / (ms["svi_backward"] - ms["optim"]),
     }
     return loop_row, stage_row, _Workload(dpsvi, data, q, loops["dpsvi"])
 

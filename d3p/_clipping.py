@@ -42,6 +42,8 @@ __all__ = [
 # 10,000-parameter model. On GPUs the sequential chunks were slower, so the default there is
 # the whole batch.
 _AUTO_CHUNK_ENTRIES = 2**20
+# name of the vmapped axis of row groups in chunked_sum
+_GROUP_AXIS = "d3p_row_groups"
 
 
 def _dot(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -52,55 +54,76 @@ def _dot(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _clip_factors(
-    sq_norm: jax.Array, exact_rows: Callable, mask: jax.Array, c: float, dtype: Any
+    sq_norm: jax.Array,
+    exact_rows: Callable,
+    mask: jax.Array,
+    c: float,
+    dtype: Any,
+    always_exact: bool = False,
+    group_axis: str | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Clipping weights ``min(1, c / norm)`` of rows with squared norms ``sq_norm``.
 
     ``exact_rows()`` returns which rows have only finite entries and an upper bound on
     each row's norm; it runs only when some ``sq_norm`` is not finite (NaN/inf entries, or
-    an overflowing sum). Rows that are masked out or not finite get weight 0. Returns the
-    weights, the contributing rows, and whether ``exact_rows`` was needed.
+    an overflowing sum), or always with ``always_exact`` (no branch: for code that is
+    itself a rarely taken branch). Rows that are masked out or not finite get weight 0.
+    Returns the weights, the contributing rows, and whether ``exact_rows`` was needed.
+    ``group_axis``: the vmapped axis (of :func:`chunked_sum`) over which to agree on it.
     """
-    any_bad = jnp.any(~jnp.isfinite(sq_norm))
+    any_bad = _any_over(jnp.any(~jnp.isfinite(sq_norm)), group_axis)
     rows = sq_norm.shape[0]
-    finite, norm = jax.lax.cond(
-        any_bad, exact_rows, lambda: (jnp.ones(rows, bool), jnp.sqrt(sq_norm))
-    )
+    if always_exact:
+        any_bad = jnp.array(True)
+        finite, norm = exact_rows()
+    else:
+        finite, norm = jax.lax.cond(
+            any_bad, exact_rows, lambda: (jnp.ones(rows, bool), jnp.sqrt(sq_norm))
+        )
     ok = mask & finite
     return jnp.where(ok, jnp.minimum(1.0, c / norm), 0.0).astype(dtype), ok, any_bad
 
 
+def _any_over(flag: jax.Array, group_axis: str | None) -> jax.Array:
+    """``flag``, or whether it holds anywhere along the vmapped ``group_axis``."""
+    if group_axis is None:
+        return flag
+    return jax.lax.pmax(flag.astype(jnp.int32), group_axis) > 0
+
+
 def clip_and_sum(
-    grads: Any, losses: jax.Array, mask: jax.Array, c: float, parts: Any = None
+    grads: Any,
+    losses: jax.Array,
+    mask: jax.Array,
+    c: float,
+    always_exact: bool = False,
+    group_axis: str | None = None,
 ) -> tuple[Any, jax.Array, jax.Array]:
     """Clip per-example gradients (leading axis) to L2 norm ``c`` and sum the valid rows.
 
     A row contributes nothing if it is masked out or its gradient holds NaN or infinity
-    (such valid rows are counted). ``parts``, if given, is a tree of per-example arrays
-    that a linear map sends to ``grads`` row by row; the clipping weights are then summed
-    over ``parts`` instead of ``grads`` (the map applied to the result is the clipped sum;
-    the caller must check that it is finite). Returns the weighted sum (of ``grads`` or
-    ``parts``, without the leading axis), the sum of the contributing rows' losses and
-    the count.
+    (such valid rows are counted). ``always_exact``, ``group_axis``: see
+    :func:`_clip_factors`. Returns
+    the clipped sum (without the leading axis), the sum of the contributing rows' losses
+    and the count.
     """
     rows = mask.shape[0]
     flat = [g.reshape(rows, -1) for g in jax.tree.leaves(grads)]
-    flat_parts = [] if parts is None else [g.reshape(rows, -1) for g in jax.tree.leaves(parts)]
-    parts = grads if parts is None else parts
     sq_norm = sum((jnp.sum(g * g, axis=1) for g in flat), jnp.zeros(rows, losses.dtype))
 
     def exact_rows():
-        entries = flat + flat_parts
-        finite = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(g), 1) for g in entries])
+        finite = functools.reduce(jnp.logical_and, [jnp.all(jnp.isfinite(g), 1) for g in flat])
         peak = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(g), 1) for g in flat])
         # huge but finite gradients overflow the sum of squares: bound the norm instead
         bound = peak * math.sqrt(sum(g.shape[1] for g in flat))
         return finite, jnp.where(jnp.isfinite(sq_norm), jnp.sqrt(sq_norm), bound)
 
-    factor, ok, any_bad = _clip_factors(sq_norm, exact_rows, mask, c, losses.dtype)
-    part_sum = jax.tree.map(lambda g: _weighted_rows(factor, ok, any_bad, g), parts)
+    factor, ok, any_bad = _clip_factors(
+        sq_norm, exact_rows, mask, c, losses.dtype, always_exact, group_axis
+    )
+    total = jax.tree.map(lambda g: _weighted_rows(factor, ok, any_bad, g), grads)
     loss_sum = jnp.sum(jnp.where(ok, losses, 0.0))
-    return part_sum, loss_sum, jnp.sum(mask & ~ok, dtype=jnp.int32)
+    return total, loss_sum, jnp.sum(mask & ~ok, dtype=jnp.int32)
 
 
 def _weighted_rows(factor: jax.Array, ok: jax.Array, any_bad: jax.Array, g: jax.Array) -> Any:
@@ -128,14 +151,18 @@ def chunked_sum(chunk: Callable, xs: Any, k: int, groups: int = 1) -> Any:
     """Sum of ``chunk(*x)`` over consecutive chunks of ``k`` rows of ``xs`` (zero-padded).
 
     Padded rows must be masked out by ``chunk`` (``xs`` carries the mask as last entry).
+    With ``groups > 1``, ``chunk`` must take the keyword ``group_axis``.
     With ``groups > 1`` the rows are first split into that many equal consecutive groups,
     each chunked on its own and summed at the end: when the rows are sharded across
     ``groups`` devices, each device then sums its own rows and only the group sums are
     reduced across devices (the rows are never gathered).
     """
     if groups > 1:
+        # a chunk's data-dependent branch must stay a branch under the vmap: chunks get
+        # the axis's name to agree on their predicate across groups (jax.lax.pmax)
+        grouped = functools.partial(chunk, group_axis=_GROUP_AXIS)
         split = jax.tree.map(lambda x: x.reshape(groups, -1, *x.shape[1:]), xs)
-        partial = jax.vmap(lambda x: chunked_sum(chunk, x, k))(split)
+        partial = jax.vmap(lambda x: chunked_sum(grouped, x, k), axis_name=_GROUP_AXIS)(split)
         return jax.tree.map(lambda s: jnp.sum(s, 0, dtype=s.dtype), partial)
     rows = xs[-1].shape[0]
     num_chunks = -(-rows // k)
@@ -155,8 +182,11 @@ def chunked_sum(chunk: Callable, xs: Any, k: int, groups: int = 1) -> Any:
     return jax.lax.scan(body, zeros, xs)[0]
 
 
-def _outer_sq_norm(x: jax.Array, d: jax.Array, w: jax.Array) -> jax.Array:
+def _outer_sq_norm(x: jax.Array, d: jax.Array, w: jax.Array | None) -> jax.Array:
     """``sum_jk w_jk (x_bj d_bk)^2`` per row ``b``, never under-stated by underflow.
+
+    ``w`` None means all weights 1: the norm is then ``|x_b|^2 |d_b|^2``, with no product
+    of ``x^2`` and a weight matrix (a matrix product as large as the layer's own).
 
     ``x`` and ``d`` are squared separately, so a tiny ``x_bj`` whose square flushes to
     zero (XLA flushes subnormals) could hide a large product with a huge ``d_bk``. Each
@@ -166,28 +196,59 @@ def _outer_sq_norm(x: jax.Array, d: jax.Array, w: jax.Array) -> jax.Array:
     sx, sd = jnp.max(jnp.abs(x), 1), jnp.max(jnp.abs(d), 1)
     xs = x / jnp.where(sx > 0, sx, 1)[:, None]
     ds = d / jnp.where(sd > 0, sd, 1)[:, None]
-    tiny = jnp.finfo(w.dtype).tiny
+    tiny = jnp.finfo(x.dtype).tiny
+    if w is None:
+        flushed = x.shape[1] * d.shape[1] * tiny
+        scaled = jnp.sum(xs * xs, 1) * jnp.sum(ds * ds, 1) + flushed
+        return (sx * sd * jnp.sqrt(scaled)) ** 2
     flushed = w.size * tiny * jnp.maximum(1.0, jnp.max(w))
     scaled = jnp.sum(_dot("bc,cf->bf", xs * xs, w) * ds * ds, 1) + flushed
     return (sx * sd * jnp.sqrt(scaled)) ** 2
 
 
+def _all_ones(w: Any) -> bool:
+    """Whether ``w`` is a concrete array of ones (static: known while tracing)."""
+    return isinstance(w, np.ndarray) and bool(np.all(w == 1))
+
+
 def weighted_clipping(
-    loss: Callable, diff: Any, weights: Any, banned: Any, example: tuple, c: float
+    loss: Callable,
+    diff: Any,
+    weights: Any,
+    banned: Any,
+    example: tuple,
+    c: float,
+    mapping: Callable,
+    trusted: Any = True,
+    exact_by_rows: bool = False,
 ) -> tuple[Callable, int] | None:
     """Clipping of ``loss``'s per-example gradients w.r.t. ``diff``, norms weighted by ``weights``.
 
     ``loss(diff, example, index)`` is the loss of one example (arrays with a leading axis of
     size 1, as ``example``). Row ``i``'s clipping norm is ``sqrt(sum(weights * g_i**2))``
     over all leaves, where ``g_i`` is its gradient with respect to ``diff``: the norm of
-    ``M g_i`` for any linear ``M`` with ``M^T M = diag(weights)`` (the caller's map to the
-    parameters). ``banned`` (bools like ``diff``) marks leaves the loss must not read.
+    ``M g_i`` for the linear ``M = mapping`` with ``M^T M = diag(weights)``, which the
+    caller guarantees. Weight leaves that are NumPy arrays of ones are used as such while
+    tracing (no product with them). ``banned`` (bools like ``diff``) marks leaves the loss
+    must not read.
 
-    Returns ``(chunk, entries)``: ``chunk(example_rows, index, mask)`` gives the
-    weighted sum like ``diff`` (to be mapped by ``M``; the caller checks it is finite), the
-    contributing rows' loss sum and the count of valid rows with non-finite gradients, and
-    ``entries`` is the number of per-example values a chunk holds per row. None if a banned
-    leaf is read.
+    Book-keeping (Bu et al. 2023, arXiv:2210.00038): one backward pass over the chunk gives
+    each row's dense gradients and, for inputs tapped by :func:`d3p._ghost.plan_taps`, the
+    activations ``x`` and output gradients ``delta``; both the norms and the clipped sum
+    ``M (sum_i w_i g_i)`` (one product with ``M``) are formed from them. Where that cannot
+    be trusted (``trusted`` is False, a valid row's weighted norm is not finite, or the
+    mapped sum is not finite), one data-dependent branch computes the chunk exactly from
+    the same parts, without a second backward pass: it maps every row's gradient, rebuilt
+    from ``x``, ``delta`` and the dense gradients, by ``M`` and clips the mapped gradients
+    (:func:`clip_and_sum`); or, with ``exact_by_rows`` (for an ``M`` that keeps a sum of
+    rows of weighted norm at most ``c`` finite, and weights that are always ``trusted``),
+    only drops the non-finite rows and bounds the norms that overflowed.
+
+    Returns ``(chunk, entries)``: ``chunk(example_rows, index, mask, group_axis=None)``
+    (``group_axis``: see :func:`chunked_sum`) gives the mapped clipped sum, the
+    contributing rows' loss sum and the count of valid rows with non-finite gradients;
+    ``entries`` is the number of per-example values the fast path holds per row. None if
+    a banned leaf is read.
     """
     diff_leaves, diff_def = jax.tree.flatten(diff)
     weight_leaves = diff_def.flatten_up_to(weights)
@@ -205,8 +266,13 @@ def weighted_clipping(
     if any(banned_leaves[i] for i in (*plan.dense, *(g.leaf for g in ghosts))):
         return None
     taps = [closed.jaxpr.eqns[g.eqn].outvars[0].aval for g in ghosts]
-    ghost_weights = [g.leaf_matrix(weight_leaves[g.leaf]) for g in ghosts]
+    # concrete all-one weights (NumPy arrays) are known while tracing: no product with them
+    ghost_weights = [
+        None if _all_ones(weight_leaves[g.leaf]) else g.leaf_matrix(weight_leaves[g.leaf])
+        for g in ghosts
+    ]
     dense_weights = [weight_leaves[i].reshape(-1) for i in plan.dense]
+    mapped_entries = sum(math.prod(s.shape) for s in jax.tree.leaves(jax.eval_shape(mapping, diff)))
 
     def per_example(ex_leaves_i, index):
         def tapped(tap_values, dense_values):
@@ -225,18 +291,55 @@ def weighted_clipping(
         )
         return value, deltas, grads, others
 
-    def chunk(ex_args, index, mask):
+    def rebuilt(grads_i, xd_i):
+        """Row ``i``'s gradient with respect to ``diff``, mapped by ``M``."""
+        leaves = [jnp.zeros_like(leaf) for leaf in diff_leaves]
+        for i, g in zip(plan.dense, grads_i, strict=True):
+            leaves[i] = g
+        for g, (x, d) in zip(ghosts, xd_i, strict=True):
+            leaf = diff_leaves[g.leaf]
+            leaves[g.leaf] = g.from_matrix(jnp.outer(x, d), leaf.shape).astype(leaf.dtype)
+        return mapping(diff_def.unflatten(leaves))
+
+    def mapped_rows_chunk(grads, xd, losses, mask):
+        # (a loss that reads no leaf has no parts: the size is then the losses')
+        mapped = jax.vmap(rebuilt, axis_size=losses.shape[0])(grads, xd)
+        return clip_and_sum(mapped, losses, mask, c, always_exact=True)
+
+    def book_sums(factor, rows_ok, grads, xd):
+        """``M (sum_i factor_i g_i)`` over ``rows_ok``, from the book-kept parts; other rows
+        are zeroed, so that not even their NaN reaches the sums."""
+        rows, valid = factor.shape[0], rows_ok[:, None]
+        sums = [jnp.zeros_like(leaf) for leaf in diff_leaves]
+        for i, g in zip(plan.dense, grads, strict=True):
+            g_rows = jnp.where(valid, g.reshape(rows, -1), 0)
+            sums[i] = _dot("b,bp->p", factor, g_rows).reshape(g.shape[1:])
+        for g, (x, d) in zip(ghosts, xd, strict=True):
+            x_w = jnp.where(valid, x * factor[:, None], 0)
+            sums[g.leaf] = g.from_matrix(
+                _dot("bc,bf->cf", x_w, jnp.where(valid, d, 0)), diff_leaves[g.leaf].shape
+            )
+        sums = [s.astype(leaf.dtype) for s, leaf in zip(sums, diff_leaves, strict=True)]
+        return mapping(diff_def.unflatten(sums))
+
+    def chunk(ex_args, index, mask, group_axis=None):
         losses, deltas, grads, others = jax.vmap(per_example)(jax.tree.leaves(ex_args), index)
         rows = mask.shape[0]
         xd = [g.rows(o, d) for g, o, d in zip(ghosts, others, deltas, strict=True)]
-        flat = [g.reshape(rows, -1) for g in grads]
         sq_norm = jnp.zeros(rows, losses.dtype)
-        for g, w in zip(flat, dense_weights, strict=True):
-            sq_norm = sq_norm + jnp.sum(w * g * g, 1)
+        for g, w in zip(grads, dense_weights, strict=True):
+            sq_norm = sq_norm + jnp.sum(w * g.reshape(rows, -1) ** 2, 1)
         for (x, d), w in zip(xd, ghost_weights, strict=True):
             sq_norm = sq_norm + _outer_sq_norm(x, d, w)
+        # the fast path needs every valid row finite (rows are excluded only by the exact
+        # branch)
+        factor = jnp.where(mask, jnp.minimum(1.0, c / jnp.sqrt(sq_norm)), 0.0).astype(losses.dtype)
+        fast = book_sums(factor, mask, grads, xd)
+        bad = ~(trusted & jnp.all(jnp.isfinite(sq_norm) | ~mask) & all_finite(fast))
 
         def exact_rows():
+            """Which rows are finite, and bounds on their norms where the sum overflowed."""
+            flat = [g.reshape(rows, -1) for g in grads]
             entries = flat + [e for pair in xd for e in pair]
             finite = functools.reduce(
                 jnp.logical_and,
@@ -253,21 +356,30 @@ def weighted_clipping(
             for g, w in zip(flat, dense_weights, strict=True):
                 bound = bound + peak(g) * jnp.sqrt(jnp.max(w) * w.size)
             for (x, d), w in zip(xd, ghost_weights, strict=True):
-                bound = bound + peak(x) * peak(d) * jnp.sqrt(jnp.max(w) * w.size)
+                top, size = (1.0, x.shape[1] * d.shape[1]) if w is None else (jnp.max(w), w.size)
+                bound = bound + peak(x) * peak(d) * jnp.sqrt(top * size)
             return finite, jnp.where(jnp.isfinite(sq_norm), jnp.sqrt(sq_norm), bound)
 
-        factor, ok, any_bad = _clip_factors(sq_norm, exact_rows, mask, c, losses.dtype)
-        sums = [jnp.zeros_like(leaf) for leaf in diff_leaves]
-        for i, g in zip(plan.dense, grads, strict=True):
-            sums[i] = _weighted_rows(factor, ok, any_bad, g)
-        for g, (x, d) in zip(ghosts, xd, strict=True):
-            x_w = jnp.where(ok[:, None], x, 0) * factor[:, None]
-            total = _dot("bc,bf->cf", x_w, jnp.where(ok[:, None], d, 0))
-            sums[g.leaf] = g.from_matrix(total, diff_leaves[g.leaf].shape).astype(
-                diff_leaves[g.leaf].dtype
+        def exact():
+            if not exact_by_rows:
+                parts = (grads, xd, losses, mask)
+                k = _rows_per_chunk(None, rows, mapped_entries)
+                return (
+                    mapped_rows_chunk(*parts)
+                    if k >= rows
+                    else chunked_sum(mapped_rows_chunk, parts, k)
+                )
+            weights, ok, _ = _clip_factors(
+                sq_norm, exact_rows, mask, c, losses.dtype, always_exact=True
             )
-        loss_sum = jnp.sum(jnp.where(ok, losses, 0.0))
-        return diff_def.unflatten(sums), loss_sum, jnp.sum(mask & ~ok, dtype=jnp.int32)
+            loss_sum = jnp.sum(jnp.where(ok, losses, 0.0))
+            return book_sums(weights, ok, grads, xd), loss_sum, jnp.sum(mask & ~ok, dtype=jnp.int32)
+
+        return jax.lax.cond(
+            _any_over(bad, group_axis),
+            exact,
+            lambda: (fast, jnp.sum(jnp.where(mask, losses, 0.0)), jnp.zeros((), jnp.int32)),
+        )
 
     entries = sum(leaf.size for i, leaf in enumerate(diff_leaves) if i in plan.dense)
     return chunk, entries + sum(g.contracted + g.free for g in ghosts)
@@ -309,6 +421,16 @@ def add_examples_axis(args: tuple) -> tuple:
     return tuple(None if a is None else a[:, None] for a in args)
 
 
+def _rows_per_chunk(chunk_size: int | None, rows: int, entries_per_row: int) -> int:
+    """Rows computed at once: ``chunk_size``, or by default on CPU about ``2**20``
+    per-example entries, elsewhere all ``rows``."""
+    if chunk_size is not None:
+        return chunk_size
+    if jax.default_backend() != "cpu":
+        return rows
+    return max(1, _AUTO_CHUNK_ENTRIES // max(1, entries_per_row))
+
+
 def clipped_sum(
     example: Callable,
     params: Any,
@@ -326,14 +448,12 @@ def clipped_sum(
     one, from :func:`add_examples_axis`); ``values`` are ``sample.values`` (None without a
     sample). The loss depends on the params directly and through the shared global sample
     ``v = g(params)``; the gradient that is clipped is the full ``d_params + J_g^T d_v``.
-    The clipped sum is ``sum_i w_i d_params_i + J_g^T (sum_i w_i d_v_i)`` (linearity; equal
-    up to floating-point rounding): one vector-Jacobian product per step. The norms come
-    from :func:`weighted_global_clipping` where ``weighted`` and the guide allow it, else
-    from the full gradients, formed with one vector-Jacobian product per example for that
-    purpose only. Should the sum be non-finite although every contributing full gradient
-    is finite (a ``d_v`` entry that ``J_g^T`` maps to zero, or an overflow), the clipped
-    full gradients themselves are summed instead, each of norm at most ``c`` (as when the
-    weighted norms cannot be trusted for this step).
+    Where ``weighted`` and the guide allow it (:func:`weighted_global_clipping`), the norms
+    and the clipped sum ``sum_i w_i d_params_i + J_g^T (sum_i w_i d_v_i)`` (linearity) come
+    from one backward pass per chunk, with one vector-Jacobian product of ``g`` per chunk,
+    and an exact branch for chunks where that cannot be trusted (:func:`weighted_clipping`).
+    Else the full gradients are formed, with one vector-Jacobian product per example, and
+    clipped (:func:`clip_and_sum`).
 
     Rows where ``mask`` is False, or whose gradient holds NaN/inf, contribute nothing; the
     latter (valid rows) are counted. ``chunk_size`` rows are computed at a time (None: on
@@ -343,64 +463,41 @@ def clipped_sum(
     """
     values = None if sample is None else sample.values
     through_global = bool(jax.tree.leaves(values))
-    per_example = jax.vmap(jax.value_and_grad(example, argnums=(0, 1)), in_axes=(None, None, 0, 0))
-
-    def full_grads(d_params, d_values):
-        if not through_global:
-            return d_params
-        through_values = jax.vmap(sample.vjp)(d_values)
-        return jax.tree.map(jnp.add, d_params, through_values)
-
-    def linear_chunk(ex_args, index, chunk_mask):
-        losses, (d_params, d_values) = per_example(params, values, ex_args, index)
-        grads = full_grads(d_params, d_values)
-        return clip_and_sum(grads, losses, chunk_mask, c, (d_params, d_values))
-
-    def full_chunk(ex_args, index, chunk_mask):
-        losses, (d_params, d_values) = per_example(params, values, ex_args, index)
-        return clip_and_sum(full_grads(d_params, d_values), losses, chunk_mask, c)[0]
 
     def over_chunks(chunk, entries_per_row):
         rows = mask.shape[0] // groups
-        k = chunk_size
-        if k is None and jax.default_backend() != "cpu":
-            k = rows
-        elif k is None:
-            k = max(1, _AUTO_CHUNK_ENTRIES // max(1, entries_per_row))
+        k = _rows_per_chunk(chunk_size, rows, entries_per_row)
         return chunk(*xs) if k >= rows else chunked_sum(chunk, xs, k, groups)
 
     xs = (add_examples_axis(args), jnp.arange(mask.shape[0]), mask)
-    num_params = sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(params))
     built = weighted_global_clipping(example, params, sample, args, c) if weighted else None
-    precise = jnp.array(True)
-    if built is None:
-        (sum_params, sum_values), loss_sum, num_bad = over_chunks(linear_chunk, num_params)
-    else:
-        chunk, entries_per_row, precise = built
-        (sum_params, sum_values), loss_sum, num_bad = over_chunks(chunk, entries_per_row)
-    if not through_global:
-        return sum_params, loss_sum, num_bad
-    linear = jax.tree.map(jnp.add, sum_params, sample.vjp(sum_values))
-    grad_sum = jax.lax.cond(
-        precise & all_finite(linear),
-        lambda: linear,
-        lambda: over_chunks(full_chunk, num_params),
-    )
-    return grad_sum, loss_sum, num_bad
+    if built is not None:
+        return over_chunks(*built)
+
+    per_example = jax.vmap(jax.value_and_grad(example, argnums=(0, 1)), in_axes=(None, None, 0, 0))
+
+    def full_chunk(ex_args, index, chunk_mask, group_axis=None):
+        losses, (grads, d_values) = per_example(params, values, ex_args, index)
+        if through_global:
+            grads = jax.tree.map(jnp.add, grads, jax.vmap(sample.vjp)(d_values))
+        return clip_and_sum(grads, losses, chunk_mask, c, group_axis=group_axis)
+
+    num_params = sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(params))
+    return over_chunks(full_chunk, num_params)
 
 
 def weighted_global_clipping(
     example: Callable, params: Any, sample: GlobalSample | None, args: tuple, c: float
-) -> tuple[Callable, int, jax.Array] | None:
+) -> tuple[Callable, int] | None:
     """The per-example clipping of :func:`clipped_sum` without per-example VJPs, if possible.
 
     For a guide whose global sample ``v = g(params)`` is coordinatewise in the params
     (:func:`d3p._ghost.coordinatewise_support`: mean-field guides with elementwise
     transforms), ``J_g J_g^T`` is diagonal, so the norm of the full per-example gradient
-    is a weighted norm of ``(d_params, d_v)`` with weights ``1`` and ``diag(J_g J_g^T)``,
-    provided the data terms read no parameter that ``g`` reads. Returns the chunk function
-    and its entries per row (:func:`weighted_clipping`) and whether this step's weights
-    are precise; None when any of this does not hold.
+    ``M (d_params, d_v)`` with ``M = [I, J_g^T]`` is a weighted norm of ``(d_params, d_v)``
+    with weights ``1`` and ``diag(J_g J_g^T)``, provided the data terms read no parameter
+    that ``g`` reads. Returns the chunk function and its entries per row
+    (:func:`weighted_clipping`, mapping by ``M``); None when any of this does not hold.
     """
     if sample is None:
         return None
@@ -411,7 +508,7 @@ def weighted_global_clipping(
     # for coordinatewise g, J J^T 1 is diag(J J^T)
     gram_diag = sample.jvp(sample.vjp(jax.tree.map(jnp.ones_like, values)))
     # an entry below the smallest normal float may have been rounded or flushed to
-    # zero, which would under-state norms: such steps take the exact path instead
+    # zero, which would under-state norms: such steps take the exact branch instead
     precise = functools.reduce(
         jnp.logical_and,
         [jnp.all(a >= jnp.finfo(a.dtype).tiny) for a in jax.tree.leaves(gram_diag)],
@@ -420,12 +517,22 @@ def weighted_global_clipping(
     leaves, treedef = jax.tree.flatten(params)
     offsets = np.cumsum([0, *(math.prod(jnp.shape(leaf)) for leaf in leaves)])
     read_by_g = [bool(support[a:b].any()) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-    built = weighted_clipping(
+
+    def full_gradient(diff):
+        d_params, d_values = diff
+        if not jax.tree.leaves(values):
+            return d_params
+        return jax.tree.map(jnp.add, d_params, sample.vjp(d_values))
+
+    return weighted_clipping(
         lambda diff, ex, i: example(diff[0], diff[1], ex, i),
         (params, values),
-        (jax.tree.map(jnp.ones_like, params), gram_diag),
+        (jax.tree.map(lambda p: np.ones(jnp.shape(p), p.dtype), params), gram_diag),
         (treedef.unflatten(read_by_g), jax.tree.map(lambda _: False, values)),
         tuple(None if a is None else a[:1] for a in args),
         c,
+        mapping=full_gradient,
+        trusted=precise,
+        # without global latents M is the identity on the params, whose weights are 1
+        exact_by_rows=not jax.tree.leaves(values),
     )
-    return None if built is None else (*built, precise)

@@ -113,6 +113,11 @@ def make_problem(loss, rows=9, d=4, h=5, seed=0, sequence=False):
     return diff, weights, (x, y)
 
 
+def scaled_by(weights):
+    """The linear map ``M`` with ``M^T M = diag(weights)`` that the clipping sums through."""
+    return lambda tree: jax.tree.map(lambda g, w: g * jnp.sqrt(w), tree, weights)
+
+
 def reference(loss, diff, weights, example, mask, c):
     """Materialised per-example gradients, clipped by their weighted norm, summed."""
     rows = mask.shape[0]
@@ -142,17 +147,23 @@ def reference(loss, diff, weights, example, mask, c):
     ],
     ids=["mlp", "leaf-used-twice", "sequence-example"],
 )
-def test_weighted_clipping_matches_materialised_gradients(loss, sequence, ghosts):
+# the branch for a batch with a NaN row: every row rebuilt, mapped and clipped exactly, or
+# (exact_by_rows) the non-finite rows dropped from the book-kept sums
+@pytest.mark.parametrize("exact_by_rows", [False, True], ids=["mapped-rows", "by-rows"])
+def test_weighted_clipping_matches_materialised_gradients(loss, sequence, ghosts, exact_by_rows):
     diff, weights, (x, y) = make_problem(loss, sequence=sequence)
     x = x.at[5].set(jnp.nan)  # a non-finite example: dropped and counted
     x = x.at[7].set(jnp.inf)  # a padded example: masked, not counted
     mask = jnp.arange(x.shape[0]) != 7
     c = 0.7
     banned = jax.tree.map(lambda _: False, diff)
-    chunk, entries = weighted_clipping(loss, diff, weights, banned, (x[0], y[0]), c)
+    chunk, entries = weighted_clipping(
+        loss, diff, weights, banned, (x[0], y[0]), c, scaled_by(weights), True, exact_by_rows
+    )
     total, loss_sum, bad = jax.jit(chunk)((x, y), jnp.arange(x.shape[0]), mask)
     expected, expected_loss, expected_bad, factor = reference(loss, diff, weights, (x, y), mask, c)
     assert int(jnp.sum((factor > 0) & (factor < 1))) >= 1  # the clip is active
+    expected = scaled_by(weights)(expected)
     for name in diff:
         np.testing.assert_allclose(total[name], expected[name], rtol=2e-5, atol=1e-6)
     assert float(loss_sum) == pytest.approx(float(expected_loss), rel=1e-5)
@@ -189,10 +200,15 @@ def test_dead_uses_do_not_block_a_tap():
 def test_banned_leaf_read_by_the_loss_disables_the_weighted_path():
     diff, weights, (x, y) = make_problem(mlp_loss)
     banned = {**jax.tree.map(lambda _: False, diff), "b1": True}
-    assert weighted_clipping(mlp_loss, diff, weights, banned, (x[0], y[0]), 1.0) is None
+    built = weighted_clipping(
+        mlp_loss, diff, weights, banned, (x[0], y[0]), 1.0, scaled_by(weights)
+    )
+    assert built is None
 
 
-def test_tiny_inputs_with_huge_output_gradients_are_clipped():
+# weights of 2 (a weight matrix), and NumPy ones (known while tracing: no weight matrix)
+@pytest.mark.parametrize("weight", [2.0, 1.0], ids=["weighted", "unit"])
+def test_tiny_inputs_with_huge_output_gradients_are_clipped(weight):
     # x_i = 1e-20 and y_i = 1e25: the gradient x_i delta_i of the tapped weight is about
     # 4e5 although x_i^2 = 1e-40 flushes to zero in float32. The weighted norm must still
     # see it: the example contributes at most C, exactly as with materialised gradients.
@@ -202,15 +218,18 @@ def test_tiny_inputs_with_huge_output_gradients_are_clipped():
 
     d = 3
     diff = {"w": jnp.ones(d, jnp.float32)}
-    weights = {"w": jnp.full(d, 2.0, jnp.float32)}
+    weights = {"w": jnp.full(d, weight, jnp.float32)}
+    if weight == 1.0:
+        weights = {"w": np.ones(d, np.float32)}
     x = jnp.full((4, 1, d), 1e-20, jnp.float32).at[0].set(1.0)
     y = jnp.full((4, 1), 1e25, jnp.float32).at[0].set(0.0)
     c = 1.0
-    chunk, _ = weighted_clipping(loss, diff, weights, {"w": False}, (x[0], y[0]), c)
+    mapping = scaled_by(weights)
+    chunk, _ = weighted_clipping(loss, diff, weights, {"w": False}, (x[0], y[0]), c, mapping)
     mask = jnp.ones(4, bool)
     total, _, bad = jax.jit(chunk)((x, y), jnp.arange(4), mask)
     expected, _, _, factor = reference(loss, diff, weights, (x, y), mask, c)
     assert int(bad) == 0 and float(jnp.max(factor[1:])) < 1e-5  # all three are clipped
-    np.testing.assert_allclose(total["w"], expected["w"], rtol=1e-5)
+    np.testing.assert_allclose(total["w"], mapping(expected)["w"], rtol=1e-5)
     # each example's weighted norm is at most C
-    assert float(jnp.sqrt(jnp.sum(2.0 * total["w"] ** 2))) <= 4 * c * (1 + 1e-6)
+    assert float(jnp.sqrt(jnp.sum(total["w"] ** 2))) <= 4 * c * (1 + 1e-6)

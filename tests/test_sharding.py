@@ -187,7 +187,7 @@ def test_chunked_sum_groups_sum_every_row_once():
     rows = np.arange(12)
     xs = (jax.numpy.asarray(2.0**rows), jax.numpy.asarray(rows % 5 != 0))
 
-    def chunk(x, mask):
+    def chunk(x, mask, group_axis=None):
         return jax.numpy.sum(jax.numpy.where(mask, x, 0.0))
 
     expected = float(np.sum(np.where(rows % 5 != 0, 2.0**rows, 0.0)))
