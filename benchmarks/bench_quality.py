@@ -57,9 +57,10 @@ the key and a fresh copy of the budget change), 2000 steps each (1-4 s per run).
 12 on logistic regression d = 10, N = 10^4 (the problem of issue 27's targets: 120
 intervals per coverage, binomial standard error 2.7 points at 90 %), 8 on linear
 regression (80), 4 on the larger problems (40, 400 and 400 intervals). Fewer seeds where
-a run costs more: the grid has to fit about 15 minutes on 2 idle cores; measured 1590 s
-wall (about 900 s of CPU time) on the shared 2-core machine under a load of 7-9
-(``benchmarks/reference/cpu-2core-quality-2026-12-04.json``). ``--quick``: logistic
+a run costs more: the grid has to fit about 15 minutes on 2 idle cores; measured 879 s
+(852 s of CPU time) on the shared 2-core machine under a load of 3-4
+(``benchmarks/reference/cpu-2core-quality-2026-12-04.json``; 1590 s under a load of 7-9,
+same numbers). ``--quick``: logistic
 regression d = 10, N = 10^4 only, at epsilon 1, 2 seeds, 500 steps (about a minute).
 """
 
