@@ -184,6 +184,7 @@ def run(dpsvi, steps, init_state=None, **options):
     )
 
 
+@pytest.mark.slow  # two compiled run programs (with and without averaging): 25-60 s
 def test_run_averages_the_recorded_trace_and_changes_nothing_else(dpsvi):
     plain = run(dpsvi, 12)
     averaged = run(dpsvi, 12, average=Window(0.5, num_blocks=3))

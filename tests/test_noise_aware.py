@@ -57,7 +57,11 @@ def window_stats(params, offsets, block_size):
     return stats
 
 
-@pytest.mark.parametrize("guide_class", [AutoNormal, AutoDiagonalNormal, None])
+@pytest.mark.parametrize(
+    "guide_class",
+    # AutoNormal's sampler, per site, takes 18-70 s: in the slow run
+    [pytest.param(AutoNormal, marks=pytest.mark.slow), AutoDiagonalNormal, None],
+)
 def test_sampler_shapes_and_moments(guide_class):
     guide = hand_guide if guide_class is None else guide_class(model, init_scale=0.5)
     params, constrain_fn = initialised(guide)
