@@ -61,7 +61,7 @@ def _clip_factors(
     dtype: Any,
     always_exact: bool = False,
     group_axis: str | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array | bool]:
     """Clipping weights ``min(1, c / norm)`` of rows with squared norms ``sq_norm``.
 
     ``exact_rows()`` returns which rows have only finite entries and an upper bound on
@@ -71,12 +71,12 @@ def _clip_factors(
     Returns the weights, the contributing rows, and whether ``exact_rows`` was needed.
     ``group_axis``: the vmapped axis (of :func:`chunked_sum`) over which to agree on it.
     """
-    any_bad = _any_over(jnp.any(~jnp.isfinite(sq_norm)), group_axis)
     rows = sq_norm.shape[0]
     if always_exact:
-        any_bad = jnp.array(True)
+        any_bad = True  # static: no branch in the sums either
         finite, norm = exact_rows()
     else:
+        any_bad = _any_over(jnp.any(~jnp.isfinite(sq_norm)), group_axis)
         finite, norm = jax.lax.cond(
             any_bad, exact_rows, lambda: (jnp.ones(rows, bool), jnp.sqrt(sq_norm))
         )
@@ -126,10 +126,16 @@ def clip_and_sum(
     return total, loss_sum, jnp.sum(mask & ~ok, dtype=jnp.int32)
 
 
-def _weighted_rows(factor: jax.Array, ok: jax.Array, any_bad: jax.Array, g: jax.Array) -> Any:
-    """``sum_b factor_b g_b`` over the leading axis, rows not ``ok`` left out entirely."""
+def _weighted_rows(
+    factor: jax.Array, ok: jax.Array, any_bad: jax.Array | bool, g: jax.Array
+) -> Any:
+    """``sum_b factor_b g_b`` over the leading axis, rows not ``ok`` left out entirely
+    (``any_bad`` True: always by masking, no branch)."""
     rows = factor.shape[0]
     flat_g = g.reshape(rows, -1)
+    if any_bad is True:
+        total = _dot("b,bp->p", factor, jnp.where(ok[:, None], flat_g, 0))
+        return total.reshape(g.shape[1:]).astype(g.dtype)
     # one cond per leaf: on XLA:CPU this kept W3 of benchmarks/bench_svi.py 1.8x faster
     # than a single cond over the whole tree (which changed how the producers fused)
     total = jax.lax.cond(
