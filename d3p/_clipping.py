@@ -198,11 +198,21 @@ def _outer_sq_norm(x: jax.Array, d: jax.Array, w: jax.Array | None) -> jax.Array
     zero (XLA flushes subnormals) could hide a large product with a huge ``d_bk``. Each
     row is therefore scaled to a largest entry of 1 first, and the most the remaining
     flushed terms can add (each below the smallest normal float) is added back.
+
+    With one free column (``d`` of shape (rows, 1)) the row's gradient ``x_b d_b`` is no
+    larger than ``x`` itself: it is formed and squared in one pass, where only terms below
+    the smallest normal float can flush (added back as above), so no scaling is needed.
     """
+    tiny = jnp.finfo(x.dtype).tiny
+    if d.shape[1] == 1:
+        g = x * d
+        if w is None:
+            return jnp.sum(g * g, 1) + x.shape[1] * tiny
+        flushed = w.size * tiny * jnp.maximum(1.0, jnp.max(w))
+        return jnp.sum(w[:, 0] * g * g, 1) + flushed
     sx, sd = jnp.max(jnp.abs(x), 1), jnp.max(jnp.abs(d), 1)
     xs = x / jnp.where(sx > 0, sx, 1)[:, None]
     ds = d / jnp.where(sd > 0, sd, 1)[:, None]
-    tiny = jnp.finfo(x.dtype).tiny
     if w is None:
         flushed = x.shape[1] * d.shape[1] * tiny
         scaled = jnp.sum(xs * xs, 1) * jnp.sum(ds * ds, 1) + flushed
@@ -247,8 +257,10 @@ def weighted_clipping(
     the same parts, without a second backward pass: it maps every row's gradient, rebuilt
     from ``x``, ``delta`` and the dense gradients, by ``M`` and clips the mapped gradients
     (:func:`clip_and_sum`); or, with ``exact_by_rows`` (for an ``M`` that keeps a sum of
-    rows of weighted norm at most ``c`` finite, and weights that are always ``trusted``),
-    only drops the non-finite rows and bounds the norms that overflowed.
+    rows of weighted norm at most ``c`` finite, and weights that are always trusted:
+    ``trusted`` must then be True), only drops the non-finite rows and bounds the norms
+    that overflowed: the branch then forms the clipping factors only, and the sums are
+    formed once after it.
 
     Returns ``(chunk, entries)``: ``chunk(example_rows, index, mask, group_axis=None)``
     (``group_axis``: see :func:`chunked_sum`) gives the mapped clipped sum, the
@@ -256,6 +268,8 @@ def weighted_clipping(
     ``entries`` is the number of per-example values the fast path holds per row. None if
     a banned leaf is read.
     """
+    if exact_by_rows and trusted is not True:
+        raise ValueError("exact_by_rows needs weights that are always trusted (trusted=True)")
     diff_leaves, diff_def = jax.tree.flatten(diff)
     weight_leaves = diff_def.flatten_up_to(weights)
     banned_leaves = diff_def.flatten_up_to(banned)
@@ -321,10 +335,13 @@ def weighted_clipping(
             g_rows = jnp.where(valid, g.reshape(rows, -1), 0)
             sums[i] = _dot("b,bp->p", factor, g_rows).reshape(g.shape[1:])
         for g, (x, d) in zip(ghosts, xd, strict=True):
-            x_w = jnp.where(valid, x * factor[:, None], 0)
-            sums[g.leaf] = g.from_matrix(
-                _dot("bc,bf->cf", x_w, jnp.where(valid, d, 0)), diff_leaves[g.leaf].shape
-            )
+            # the clipping factors scale the narrower side of the outer products
+            if d.shape[1] <= x.shape[1]:
+                d = d * factor[:, None]
+            else:
+                x = x * factor[:, None]
+            x, d = jnp.where(valid, x, 0), jnp.where(valid, d, 0)
+            sums[g.leaf] = g.from_matrix(_dot("bc,bf->cf", x, d), diff_leaves[g.leaf].shape)
         sums = [s.astype(leaf.dtype) for s, leaf in zip(sums, diff_leaves, strict=True)]
         return mapping(diff_def.unflatten(sums))
 
@@ -337,11 +354,6 @@ def weighted_clipping(
             sq_norm = sq_norm + jnp.sum(w * g.reshape(rows, -1) ** 2, 1)
         for (x, d), w in zip(xd, ghost_weights, strict=True):
             sq_norm = sq_norm + _outer_sq_norm(x, d, w)
-        # the fast path needs every valid row finite (rows are excluded only by the exact
-        # branch)
-        factor = jnp.where(mask, jnp.minimum(1.0, c / jnp.sqrt(sq_norm)), 0.0).astype(losses.dtype)
-        fast = book_sums(factor, mask, grads, xd)
-        bad = ~(trusted & jnp.all(jnp.isfinite(sq_norm) | ~mask) & all_finite(fast))
 
         def exact_rows():
             """Which rows are finite, and bounds on their norms where the sum overflowed."""
@@ -366,20 +378,28 @@ def weighted_clipping(
                 bound = bound + peak(x) * peak(d) * jnp.sqrt(top * size)
             return finite, jnp.where(jnp.isfinite(sq_norm), jnp.sqrt(sq_norm), bound)
 
-        def exact():
-            if not exact_by_rows:
-                parts = (grads, xd, losses, mask)
-                k = _rows_per_chunk(None, rows, mapped_entries)
-                return (
-                    mapped_rows_chunk(*parts)
-                    if k >= rows
-                    else chunked_sum(mapped_rows_chunk, parts, k)
-                )
-            weights, ok, _ = _clip_factors(
-                sq_norm, exact_rows, mask, c, losses.dtype, always_exact=True
+        if exact_by_rows:
+            # rows clipped to c stay finite through M, and a row with a finite norm has
+            # finite entries: only the clipping factors need a branch (for non-finite
+            # norms), the sums are formed once after it
+            factor, ok, _ = _clip_factors(
+                sq_norm, exact_rows, mask, c, losses.dtype, group_axis=group_axis
             )
             loss_sum = jnp.sum(jnp.where(ok, losses, 0.0))
-            return book_sums(weights, ok, grads, xd), loss_sum, jnp.sum(mask & ~ok, dtype=jnp.int32)
+            return book_sums(factor, ok, grads, xd), loss_sum, jnp.sum(mask & ~ok, dtype=jnp.int32)
+
+        # the fast path needs every valid row finite (rows are excluded only by the exact
+        # branch)
+        factor = jnp.where(mask, jnp.minimum(1.0, c / jnp.sqrt(sq_norm)), 0.0).astype(losses.dtype)
+        fast = book_sums(factor, mask, grads, xd)
+        bad = ~(trusted & jnp.all(jnp.isfinite(sq_norm) | ~mask) & all_finite(fast))
+
+        def exact():
+            parts = (grads, xd, losses, mask)
+            k = _rows_per_chunk(None, rows, mapped_entries)
+            return (
+                mapped_rows_chunk(*parts) if k >= rows else chunked_sum(mapped_rows_chunk, parts, k)
+            )
 
         return jax.lax.cond(
             _any_over(bad, group_axis),
@@ -538,7 +558,7 @@ def weighted_global_clipping(
         tuple(None if a is None else a[:1] for a in args),
         c,
         mapping=full_gradient,
-        trusted=precise,
         # without global latents M is the identity on the params, whose weights are 1
+        trusted=precise if jax.tree.leaves(values) else True,
         exact_by_rows=not jax.tree.leaves(values),
     )

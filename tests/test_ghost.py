@@ -208,7 +208,9 @@ def test_banned_leaf_read_by_the_loss_disables_the_weighted_path():
 
 # weights of 2 (a weight matrix), and NumPy ones (known while tracing: no weight matrix)
 @pytest.mark.parametrize("weight", [2.0, 1.0], ids=["weighted", "unit"])
-def test_tiny_inputs_with_huge_output_gradients_are_clipped(weight):
+# one output (the gradient x_i delta_i formed row by row) or two (norms of x and delta)
+@pytest.mark.parametrize("outputs", [(), (2,)], ids=["one-output", "two-outputs"])
+def test_tiny_inputs_with_huge_output_gradients_are_clipped(weight, outputs):
     # x_i = 1e-20 and y_i = 1e25: the gradient x_i delta_i of the tapped weight is about
     # 4e5 although x_i^2 = 1e-40 flushes to zero in float32. The weighted norm must still
     # see it: the example contributes at most C, exactly as with materialised gradients.
@@ -217,12 +219,12 @@ def test_tiny_inputs_with_huge_output_gradients_are_clipped(weight):
         return jnp.sum((x @ diff["w"] - y) ** 2)
 
     d = 3
-    diff = {"w": jnp.ones(d, jnp.float32)}
-    weights = {"w": jnp.full(d, weight, jnp.float32)}
+    diff = {"w": jnp.ones((d, *outputs), jnp.float32)}
+    weights = {"w": jnp.full((d, *outputs), weight, jnp.float32)}
     if weight == 1.0:
-        weights = {"w": np.ones(d, np.float32)}
+        weights = {"w": np.ones((d, *outputs), np.float32)}
     x = jnp.full((4, 1, d), 1e-20, jnp.float32).at[0].set(1.0)
-    y = jnp.full((4, 1), 1e25, jnp.float32).at[0].set(0.0)
+    y = jnp.full((4, 1, *outputs), 1e25, jnp.float32).at[0].set(0.0)
     c = 1.0
     mapping = scaled_by(weights)
     chunk, _ = weighted_clipping(loss, diff, weights, {"w": False}, (x[0], y[0]), c, mapping)
