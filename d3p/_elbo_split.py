@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend.core import Var
 from numpyro.handlers import replay, seed, substitute
 from numpyro.infer.util import compute_log_probs
@@ -79,8 +80,17 @@ class _FoldInExampleIndex(Messenger):
             msg["kwargs"]["rng_key"] = jax.random.fold_in(key, self.index)
 
 
-def zero_examples(args: Sequence[Any], n: int = 1) -> tuple:
-    """A batch of ``n`` all-zero examples shaped like ``args`` (data-free stand-in)."""
+def zero_examples(args: Sequence[Any], n: int = 1, host: bool = False) -> tuple:
+    """A batch of ``n`` all-zero examples shaped like ``args`` (data-free stand-in).
+
+    ``host``: made by NumPy and copied to the device (outside ``jit``: no compilation, which
+    a fresh process pays for every eager operation; inside, keep the default, a broadcast
+    rather than a constant of the batch's size)."""
+    if host:
+        return tuple(
+            None if a is None else jax.device_put(np.zeros((n, *a.shape[1:]), a.dtype))
+            for a in args
+        )
     return tuple(None if a is None else jnp.zeros((n, *a.shape[1:]), a.dtype) for a in args)
 
 

@@ -40,6 +40,7 @@ Functions take the :class:`~d3p.svi.DPSVI` whose model, guide, loss, optimiser,
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -145,8 +146,10 @@ def batch_key(rng_suite: Any, state: Any) -> Any:
     return step_keys(rng_suite, state.rng_key)[1]
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_keys(rng_suite: Any, key: Any) -> tuple[jax.Array, Any]:
-    """``(jax key for initialisation, the first state's key)`` from the key given to init."""
+    """``(jax key for initialisation, the first state's key)`` from the key given to init
+    (one compiled program: called eagerly, each derivation would compile on its own)."""
     init, seed = rng_suite.split(key, 2)
     return rng_suite.convert_to_jax_rng_key(init), rng_suite.rekey(seed)
 

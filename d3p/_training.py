@@ -454,7 +454,7 @@ def run(
         args = _sharding.place(args, mesh)
         in_mesh = jax.set_mesh(mesh)
     if init_state is None:
-        zeros = zero_examples(args, step.batch_size)
+        zeros = zero_examples(args, step.batch_size, host=True)
         state = dpsvi.init(rng_key, *zeros, init_params=init_params, **kwargs)
     else:
         state = init_state

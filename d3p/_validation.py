@@ -130,6 +130,12 @@ def batch(args: tuple) -> tuple[tuple, int]:
     return tuple(out), n
 
 
+@jax.jit
+def _count_nonfinite(a: jax.Array) -> jax.Array:
+    # one compiled program (a fresh process compiles each eager operation on its own)
+    return jnp.sum(~jnp.isfinite(a), dtype=jnp.int32)
+
+
 def finite_data(args: tuple) -> None:
     """Raise ``ValueError`` if a floating-point data array of ``args`` holds NaN or infinity.
 
@@ -138,7 +144,10 @@ def finite_data(args: tuple) -> None:
     for i, a in enumerate(args):
         if a is None or not jnp.issubdtype(a.dtype, jnp.inexact):
             continue
-        bad = int(jnp.size(a) - jnp.count_nonzero(jnp.isfinite(a)))
+        if isinstance(a, np.ndarray):
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        else:
+            bad = int(_count_nonfinite(a))
         if bad:
             raise ValueError(
                 f"positional argument {i} (data) holds {bad} NaN or infinite entries; DPSVI "
