@@ -197,6 +197,25 @@ def test_dead_uses_do_not_block_a_tap():
     assert plan.dense == ()
 
 
+def test_by_rows_refuses_weights_that_may_be_untrusted():
+    # the by-rows branch forms only the clipping factors: it has no exact path for
+    # weights that underflowed, so it must not be built with a traced trust flag
+    diff, weights, (x, y) = make_problem(mlp_loss)
+    banned = jax.tree.map(lambda _: False, diff)
+    with pytest.raises(ValueError, match="exact_by_rows"):
+        weighted_clipping(
+            mlp_loss,
+            diff,
+            weights,
+            banned,
+            (x[0], y[0]),
+            1.0,
+            scaled_by(weights),
+            jnp.array(True),
+            exact_by_rows=True,
+        )
+
+
 def test_banned_leaf_read_by_the_loss_disables_the_weighted_path():
     diff, weights, (x, y) = make_problem(mlp_loss)
     banned = {**jax.tree.map(lambda _: False, diff), "b1": True}
