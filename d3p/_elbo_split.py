@@ -86,12 +86,11 @@ def zero_examples(args: Sequence[Any], n: int = 1, host: bool = False) -> tuple:
     ``host``: made by NumPy and copied to the device (outside ``jit``: no compilation, which
     a fresh process pays for every eager operation; inside, keep the default, a broadcast
     rather than a constant of the batch's size)."""
-    if host:
-        return tuple(
-            None if a is None else jax.device_put(np.zeros((n, *a.shape[1:]), a.dtype))
-            for a in args
-        )
-    return tuple(None if a is None else jnp.zeros((n, *a.shape[1:]), a.dtype) for a in args)
+
+    def zeros(shape, dtype):
+        return jax.device_put(np.zeros(shape, dtype)) if host else jnp.zeros(shape, dtype)
+
+    return tuple(None if a is None else zeros((n, *a.shape[1:]), a.dtype) for a in args)
 
 
 def _run_traces(

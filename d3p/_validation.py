@@ -144,10 +144,7 @@ def finite_data(args: tuple) -> None:
     for i, a in enumerate(args):
         if a is None or not jnp.issubdtype(a.dtype, jnp.inexact):
             continue
-        if isinstance(a, np.ndarray):
-            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
-        else:
-            bad = int(_count_nonfinite(a))
+        bad = int(_count_nonfinite(a))
         if bad:
             raise ValueError(
                 f"positional argument {i} (data) holds {bad} NaN or infinite entries; DPSVI "

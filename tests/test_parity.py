@@ -143,7 +143,7 @@ def test_run_refuses_non_finite_data():
     for bad in (jnp.nan, jnp.inf):
         with pytest.raises(ValueError, match="positional argument 0 .* 1 NaN or infinite"):
             dpsvi.run(debug.PRNGKey(0), 2, x.at[3].set(bad), q=0.1, delta=1e-5)
-        # NumPy data is checked on the host
+        # as a user passes it: a NumPy array, two bad entries counted
         with pytest.raises(ValueError, match="positional argument 0 .* 2 NaN or infinite"):
             dpsvi.run(debug.PRNGKey(0), 2, np.asarray(x.at[3:5].set(bad)), q=0.1, delta=1e-5)
     assert dpsvi._svi.constrain_fn is None  # refused before any work (init never ran)
